@@ -1,0 +1,61 @@
+"""Shared measuring helpers: every bench prints ratios against references measured in the same run."""
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+
+def keep_freed_memory():
+    """Stop glibc from returning freed blocks to the OS (CPU only, Linux).
+
+    Without this, every large activation and gradient of a training step is a fresh
+    mmap: the first write to each page faults, and on this 2-core machine that costs
+    ~10% of a step. Both implementations in a bench run under the same setting.
+    """
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 40))
+
+
+def timeit(fn, warmup: int = 2, repeat: int = 5) -> float:
+    """Median seconds of fn() after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak_flops(n: int = 2048, dtype=torch.float32) -> float:
+    """FLOP/s of one n^3 matmul: the fp32 peak that MFU is measured against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / timeit(lambda: a @ b, warmup=3, repeat=9)
+
+
+def copy_bandwidth(nbytes: int = 512 * 2 ** 20) -> float:
+    """Bytes/s read by a large tensor copy (read + write counted as 2x bytes moved; this returns read rate)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    return nbytes / timeit(lambda: dst.copy_(src), warmup=2, repeat=7)
+
+
+def table(rows, header):
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
