@@ -9,16 +9,16 @@ Parameter names follow the LLaMA2-Accessory reference code (wq/wk/wv/wo, w1/w2/w
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_safetensors, load_state_strict,
+                        map_name, read_safetensors_metadata, safetensors_files, save_safetensors_atomic,
+                        unique_state_dict)
 from moe import MoEFeedForward
 
 IGNORE_INDEX = -100
@@ -269,11 +269,6 @@ def count_params(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: names every offending tensor."""
-
-
-# HF name -> our name. Mixtral experts map to a slot of our stacked expert tensors.
 _LLAMA_RULES = [
     ("model.embed_tokens.weight", "tok_embeddings.weight"),
     ("model.norm.weight", "norm.weight"),
@@ -304,25 +299,6 @@ _INTERNLM2_RULES = [
     ("model.layers.{i}.attention_norm.weight", "layers.{i}.attention_norm.weight"),
     ("model.layers.{i}.ffn_norm.weight", "layers.{i}.ffn_norm.weight"),
 ]
-
-
-def _compile_rules(rules):
-    import re
-    out = []
-    for src, dst in rules:
-        pat = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
-        out.append((re.compile(pat + "$"), dst))
-    return out
-
-
-def _map_name(name: str, rules) -> tuple[str, int | None] | None:
-    """Our (name, expert slot or None) for a checkpoint name, or None if it is not ours."""
-    for pat, dst in rules:
-        m = pat.match(name)
-        if m:
-            g = m.groupdict()
-            return dst.replace("{i}", g.get("i") or ""), (int(g["e"]) if g.get("e") else None)
-    return None
 
 
 def unpack_internlm2_wqkv(wqkv: torch.Tensor, cfg: ModelConfig):
@@ -359,98 +335,13 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     return cfg, layout
 
 
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def iter_safetensors(files):
-    """(name, tensor) pairs, one tensor in memory at a time."""
-    from safetensors import safe_open
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                yield name, sf.get_tensor(name)
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Second and later names of shared parameters (the output head of a tied model)."""
-    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-
-
-def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None, dtype=torch.float32,
-                      device="cpu", where: str = "checkpoint", strict: bool = True):
-    """Load (name, tensor) pairs into a model built on the meta device, checking every key and shape.
-
-    rename(name) -> (our name, expert slot | None) or None for an unknown tensor; expand(our_name,
-    tensor) -> [(name, tensor), ...] for packed tensors. All problems are collected and raised at
-    once in a CheckpointError that names each tensor. Tied weights are expected once.
-    """
-    expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
-    tied = _tied_names(model)
-    for n in tied:
-        expected.pop(n, None)
-    state, unexpected, misshaped, seen_slots, ties = {}, [], [], {}, []
-    for src, t in named_tensors:
-        target = rename(src) if rename else (src, None)
-        if target is None or (target[0] in tied and target[1] is None):
-            if target is None and not src.endswith("rotary_emb.inv_freq"):   # old HF files carry this buffer
-                unexpected.append(src)
-            continue
-        name, slot = target
-        pieces = expand(name, t) if expand else [(name, t)]
-        for name, t in pieces:
-            if name not in expected:
-                unexpected.append(src)
-                continue
-            shape = expected[name]
-            want = shape[1:] if slot is not None else shape
-            if slot is not None and not 0 <= slot < shape[0]:
-                misshaped.append(f"{src}: expert {slot} but the model has {shape[0]}")
-            elif tuple(t.shape) != tuple(want):
-                misshaped.append(f"{src}: checkpoint {tuple(t.shape)} vs model {tuple(want)}")
-            elif slot is None:
-                state[name] = t.to(device=device, dtype=dtype)
-            else:
-                if name not in state:
-                    state[name] = torch.empty(shape, dtype=dtype, device=device)
-                state[name][slot] = t
-                seen_slots.setdefault(name, set()).add(slot)
-    for name, slots in seen_slots.items():
-        if len(slots) != expected[name][0]:
-            missing_slots = sorted(set(range(expected[name][0])) - slots)
-            misshaped.append(f"{name}: experts {missing_slots} missing")
-    missing = sorted(set(expected) - set(state)) if strict else []
-    if missing or unexpected or misshaped:
-        parts = [f"{where} does not fit the model:"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
-            if items:
-                parts.append(f"  {label} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise CheckpointError("\n".join(parts))
-    first = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), n)
-        if n in tied:
-            ties.append((n, first[id(p)]))
-            state[n] = state.get(first[id(p)])
-    model.load_state_dict(state, strict=strict, assign=True)
-    for n, src in ties:       # assign=True gives each name its own Parameter: share them again
-        owner, _, attr = n.rpartition(".")
-        setattr(model.get_submodule(owner), attr, model.get_parameter(src))
-    return model
-
-
 def load_hf(path, device="cpu", dtype=torch.float32) -> Transformer:
     """A HF-format directory: config.json + model.safetensors (or sharded with an index)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json (expected a HF-format model directory)")
     cfg, layout = config_from_hf(json.loads((path / "config.json").read_text()))
-    rules = _compile_rules(_INTERNLM2_RULES if layout == "internlm2" else _LLAMA_RULES)
+    rules = compile_rules(_INTERNLM2_RULES if layout == "internlm2" else _LLAMA_RULES)
 
     def expand(name, t):
         if name.endswith(".wqkv"):
@@ -463,44 +354,9 @@ def load_hf(path, device="cpu", dtype=torch.float32) -> Transformer:
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    load_state_strict(model, iter_safetensors(_safetensors_files(path)), lambda n: _map_name(n, rules),
+    load_state_strict(model, iter_safetensors(safetensors_files(path)), lambda n: map_name(n, rules),
                       expand, dtype, device, where=str(path))
     return model
-
-
-def save_safetensors_atomic(path, tensors: dict, metadata: dict):
-    """Write to a temp file beside `path`, fsync, then rename: a crash keeps the previous file."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_safetensors_metadata(path) -> dict:
-    from safetensors import safe_open
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def unique_state_dict(model: nn.Module) -> dict:
-    """state_dict without the second name of a tied weight (safetensors refuses shared storage)."""
-    tied = _tied_names(model)
-    return {k: v for k, v in model.state_dict().items() if k not in tied}
 
 
 def save_llm(path, model: Transformer):
@@ -509,19 +365,11 @@ def save_llm(path, model: Transformer):
                             {"format": "sphinx-x-llm", "config": json.dumps(asdict(model.cfg))})
 
 
-def config_from_json(text: str, cls=ModelConfig):
-    d = json.loads(text)
-    known = {f.name for f in fields(cls)}
-    if set(d) - known:
-        raise CheckpointError(f"unknown config fields {sorted(set(d) - known)}")
-    return cls(**d)
-
-
 def load_llm(path, device="cpu", dtype=torch.float32) -> Transformer:
     meta = read_safetensors_metadata(path)
     if meta.get("format") != "sphinx-x-llm":
         raise CheckpointError(f"{path}: not a sphinx-x LLM checkpoint (format {meta.get('format')!r})")
     with torch.device("meta"):
-        model = Transformer(config_from_json(meta["config"]))
+        model = Transformer(config_from_json(meta["config"], ModelConfig))
     load_state_strict(model, iter_safetensors([path]), dtype=dtype, device=device, where=str(path))
     return model
