@@ -20,6 +20,8 @@ from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_s
                         map_name, read_safetensors_metadata, safetensors_files, save_safetensors_atomic,
                         unique_state_dict)
 from moe import MoEFeedForward
+from tiling import Tiles
+from vision import CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, ViTConfig
 
 IGNORE_INDEX = -100
 
@@ -372,4 +374,174 @@ def load_llm(path, device="cpu", dtype=torch.float32) -> Transformer:
     with torch.device("meta"):
         model = Transformer(config_from_json(meta["config"], ModelConfig))
     load_state_strict(model, iter_safetensors([path]), dtype=dtype, device=device, where=str(path))
+    return model
+
+
+# ----------------------------------------------------------------------------- SPHINX-X
+
+@dataclass(frozen=True)
+class SphinxConfig:
+    llm: ModelConfig
+    convnext: ConvNeXtConfig
+    vit: ViTConfig
+    canvas: int = 448            # 448 -> 2x2 sub-images of 224; 672 -> 3x3 (SPHINX-Plus-2K)
+    grid: int = 2
+    skip_tokens: bool = True     # False: every sub-image is encoded (ablations, reference checkpoints)
+
+    @property
+    def view_size(self) -> int:
+        return self.canvas // self.grid
+
+
+def _sphinx(llm: str, canvas=448, grid=2, vision="paper", **llm_overrides) -> SphinxConfig:
+    cn, vt = ("convnext-xxlarge", "dinov2-vitg14") if vision == "paper" else (vision, vision)
+    return SphinxConfig(llm_config(llm, **llm_overrides), CONVNEXT_CONFIGS[cn], VIT_CONFIGS[vt], canvas, grid)
+
+
+SIZES = {
+    "sphinx-tiny": lambda: _sphinx("tinyllama-1.1b"),
+    "sphinx-intern2": lambda: _sphinx("internlm2-7b"),
+    "sphinx-plus": lambda: _sphinx("llama2-13b"),
+    "sphinx-plus-2k": lambda: _sphinx("llama2-13b", canvas=672, grid=3),
+    "sphinx-moe": lambda: _sphinx("mixtral-8x7b"),
+    "tiny": lambda: _sphinx("tiny", canvas=128, grid=2, vision="tiny"),
+    "tiny-moe": lambda: _sphinx("tiny-moe", canvas=128, grid=2, vision="tiny"),
+}
+
+
+def sphinx_config(name: str, **overrides) -> SphinxConfig:
+    if name not in SIZES:
+        raise KeyError(f"unknown size {name!r}; known: {', '.join(SIZES)}")
+    return replace(SIZES[name](), **overrides)
+
+
+class Sphinx(nn.Module):
+    """MoV + projector + image tags + skip token + the LLM.
+
+    Sequence: [BOS] [image block] [text], the image block being, per view,
+    <img> tokens </img> (begin/end-of-image are learnable vectors), or one learnable
+    skip token for a fully padded sub-image, which is never encoded (paper Sec. 3.1).
+    """
+
+    def __init__(self, cfg: SphinxConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.llm.dim
+        self.mov = MixtureOfVisualExperts(cfg.convnext, cfg.vit, d)
+        self.begin_of_image = nn.Parameter(torch.zeros(d))
+        self.end_of_image = nn.Parameter(torch.zeros(d))
+        self.skip_token = nn.Parameter(torch.zeros(d))
+        self.llm = Transformer(cfg.llm)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        self.llm.init_weights(std)
+        self.mov.init_weights(std)
+        for p in (self.begin_of_image, self.end_of_image, self.skip_token):
+            nn.init.normal_(p, std=std)
+
+    def encoded_views(self, tiles: Tiles) -> list[bool]:
+        """Per view: True if encoded, False if replaced by the skip token."""
+        return [not (self.cfg.skip_tokens and padded) for padded in tiles.fully_padded]
+
+    def image_cost(self, tiles: Tiles) -> dict:
+        """What one image costs: views through the encoders, skip tokens, LLM positions."""
+        enc = self.encoded_views(tiles)
+        n_enc, n_skip = sum(enc), len(enc) - sum(enc)
+        per_view = self.mov.tokens_per_view(self.cfg.view_size) + 2
+        return {"views_encoded": n_enc, "skip_tokens": n_skip, "image_tokens": n_enc * per_view + n_skip}
+
+    def image_blocks(self, images: list[Tiles | None]) -> list[torch.Tensor | None]:
+        """(L_i, d) image block per sample; all encoded views of the batch go through MoV at once."""
+        views, owners = [], []
+        for i, t in enumerate(images):
+            if t is not None:
+                for v, enc in zip(t.views, self.encoded_views(t)):
+                    if enc:
+                        views.append(v)
+                        owners.append(i)
+        feats = self.mov(torch.stack(views).to(self.skip_token.device, self.skip_token.dtype)) if views else None
+        blocks, k = [], 0
+        for t in images:
+            if t is None:
+                blocks.append(None)
+                continue
+            parts = []
+            for enc in self.encoded_views(t):
+                if enc:
+                    parts += [self.begin_of_image[None], feats[k], self.end_of_image[None]]
+                    k += 1
+                else:
+                    parts.append(self.skip_token[None])
+            blocks.append(torch.cat(parts))
+        return blocks
+
+    def embed(self, tokens, images=None, targets=None):
+        """tokens (B, T): right-padded text starting with BOS. The image block goes right after BOS;
+        its positions get IGNORE_INDEX targets. Returns embeds (B, T', d) and targets (B, T')."""
+        text = self.llm.tok_embeddings(tokens)
+        if images is None or all(t is None for t in images):
+            return text, targets
+        blocks = self.image_blocks(images)
+        seqs, tgts = [], []
+        for b, block in enumerate(blocks):
+            parts = [text[b, :1]] + ([block] if block is not None else []) + [text[b, 1:]]
+            seqs.append(torch.cat(parts))
+            if targets is not None:
+                n = 0 if block is None else len(block)
+                # BOS and the image positions predict nothing; the last image position takes BOS's target.
+                tgts.append(torch.cat([targets.new_full((n,), IGNORE_INDEX), targets[b]]))
+        T = max(len(s) for s in seqs)
+        embeds = torch.stack([F.pad(s, (0, 0, 0, T - len(s))) for s in seqs])
+        if targets is not None:
+            targets = torch.stack([F.pad(t, (0, T - len(t)), value=IGNORE_INDEX) for t in tgts])
+        return embeds, targets
+
+    def forward(self, tokens, images=None, targets=None, start_pos: int = 0, last_only: bool = False):
+        embeds, targets = self.embed(tokens, images, targets)
+        return self.llm(embeds=embeds, targets=targets, start_pos=start_pos, last_only=last_only)
+
+
+def build_sphinx(cfg: SphinxConfig, device="cpu", dtype=torch.float32, init: bool = True) -> Sphinx:
+    with torch.device("meta"):
+        model = Sphinx(cfg)
+    if init:
+        model.to_empty(device=device).to(dtype)
+        if cfg.llm.tie_embeddings:
+            model.llm.output.weight = model.llm.tok_embeddings.weight
+        model.init_weights()
+    model.mov.freeze_encoders()
+    return model
+
+
+def save_sphinx(path, model: Sphinx, extra: dict | None = None):
+    """One safetensors file, the config as JSON in its metadata; written atomically."""
+    meta = {"format": "sphinx-x", "config": json.dumps(asdict(model.cfg))}
+    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    save_safetensors_atomic(path, unique_state_dict(model), meta)
+
+
+def sphinx_config_from_json(text: str) -> SphinxConfig:
+    d = json.loads(text)
+    try:
+        return SphinxConfig(llm=config_from_json(json.dumps(d.pop("llm")), ModelConfig),
+                            convnext=_tuples(ConvNeXtConfig, d.pop("convnext")),
+                            vit=_tuples(ViTConfig, d.pop("vit")), **d)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"config does not describe a SPHINX-X model: {e}") from None
+
+
+def _tuples(cls, d: dict):
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def load_sphinx(path, device="cpu", dtype=torch.float32, **overrides) -> Sphinx:
+    """Our checkpoint -> Sphinx. overrides (e.g. skip_tokens=False) replace config fields."""
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") != "sphinx-x":
+        raise CheckpointError(f"{path}: not a sphinx-x checkpoint (format {meta.get('format')!r})")
+    cfg = replace(sphinx_config_from_json(meta["config"]), **overrides)
+    model = build_sphinx(cfg, init=False)
+    load_state_strict(model, iter_safetensors([path]), dtype=dtype, device=device, where=str(path))
+    model.mov.freeze_encoders()
     return model

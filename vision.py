@@ -7,12 +7,15 @@ channels and projects them to the LLM width.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+
+from checkpoint import CheckpointError, compile_rules, iter_safetensors, load_state_strict, map_name, safetensors_files
 
 # CLIP normalisation for ConvNeXt (open_clip laion2b), ImageNet for DINOv2 (DESIGN.md).
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -47,9 +50,9 @@ class ViTConfig:
 
 
 CONVNEXT_CONFIGS = {"convnext-xxlarge": ConvNeXtConfig(),
-                    "tiny": ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), input_size=None)}
+                    "tiny": ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), input_size=128)}
 VIT_CONFIGS = {"dinov2-vitg14": ViTConfig(),
-               "tiny": ViTConfig(dim=64, depth=2, heads=4, patch=8, pos_grid=4, ffn="mlp")}
+               "tiny": ViTConfig(dim=64, depth=2, heads=4, patch=16, pos_grid=4, ffn="mlp")}
 
 
 # ----------------------------------------------------------------------------- ConvNeXt
@@ -172,3 +175,168 @@ class ViT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+
+# ----------------------------------------------------------------------------- checkpoint layouts
+
+# (source name, our name). Prefixes such as `visual.trunk.` (open_clip) are stripped first.
+CONVNEXT_LAYOUTS = {
+    "hf": [("embeddings.patch_embeddings.{p}", "stem.0.{p}"), ("embeddings.layernorm.{p}", "stem.1.{p}"),
+           ("encoder.stages.{i}.downsampling_layer.{k}.{p}", "stages.{i}.downsample.{k}.{p}"),
+           ("encoder.stages.{i}.layers.{j}.dwconv.{p}", "stages.{i}.blocks.{j}.conv_dw.{p}"),
+           ("encoder.stages.{i}.layers.{j}.layernorm.{p}", "stages.{i}.blocks.{j}.norm.{p}"),
+           ("encoder.stages.{i}.layers.{j}.pwconv1.{p}", "stages.{i}.blocks.{j}.fc1.{p}"),
+           ("encoder.stages.{i}.layers.{j}.pwconv2.{p}", "stages.{i}.blocks.{j}.fc2.{p}"),
+           ("encoder.stages.{i}.layers.{j}.layer_scale_parameter", "stages.{i}.blocks.{j}.gamma"),
+           ("layernorm.{p}", "head_norm.{p}")],
+    "timm": [("stem.{k}.{p}", "stem.{k}.{p}"), ("stages.{i}.downsample.{k}.{p}", "stages.{i}.downsample.{k}.{p}"),
+             ("stages.{i}.blocks.{j}.conv_dw.{p}", "stages.{i}.blocks.{j}.conv_dw.{p}"),
+             ("stages.{i}.blocks.{j}.norm.{p}", "stages.{i}.blocks.{j}.norm.{p}"),
+             ("stages.{i}.blocks.{j}.mlp.fc1.{p}", "stages.{i}.blocks.{j}.fc1.{p}"),
+             ("stages.{i}.blocks.{j}.mlp.fc2.{p}", "stages.{i}.blocks.{j}.fc2.{p}"),
+             ("stages.{i}.blocks.{j}.gamma", "stages.{i}.blocks.{j}.gamma"), ("head.norm.{p}", "head_norm.{p}")],
+}
+VIT_LAYOUTS = {
+    "hf": [("embeddings.patch_embeddings.projection.{p}", "patch_embed.{p}"), ("embeddings.cls_token", "cls_token"),
+           ("embeddings.position_embeddings", "pos_embed"), ("embeddings.mask_token", "mask_token"),
+           ("encoder.layer.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"),
+           ("encoder.layer.{i}.attention.qkv.{p}", "blocks.{i}.qkv.{p}"),     # merged from query/key/value
+           ("encoder.layer.{i}.attention.output.dense.{p}", "blocks.{i}.proj.{p}"),
+           ("encoder.layer.{i}.layer_scale1.lambda1", "blocks.{i}.ls1"),
+           ("encoder.layer.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
+           ("encoder.layer.{i}.mlp.fc1.{p}", "blocks.{i}.fc1.{p}"), ("encoder.layer.{i}.mlp.fc2.{p}", "blocks.{i}.fc2.{p}"),
+           ("encoder.layer.{i}.mlp.weights_in.{p}", "blocks.{i}.fc1.{p}"),
+           ("encoder.layer.{i}.mlp.weights_out.{p}", "blocks.{i}.fc2.{p}"),
+           ("encoder.layer.{i}.layer_scale2.lambda1", "blocks.{i}.ls2"), ("layernorm.{p}", "norm.{p}")],
+    "dinov2": [("patch_embed.proj.{p}", "patch_embed.{p}"), ("cls_token", "cls_token"), ("pos_embed", "pos_embed"),
+               ("mask_token", "mask_token"), ("blocks.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"),
+               ("blocks.{i}.attn.qkv.{p}", "blocks.{i}.qkv.{p}"), ("blocks.{i}.attn.proj.{p}", "blocks.{i}.proj.{p}"),
+               ("blocks.{i}.ls1.gamma", "blocks.{i}.ls1"), ("blocks.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
+               ("blocks.{i}.mlp.fc1.{p}", "blocks.{i}.fc1.{p}"), ("blocks.{i}.mlp.fc2.{p}", "blocks.{i}.fc2.{p}"),
+               ("blocks.{i}.mlp.w12.{p}", "blocks.{i}.fc1.{p}"), ("blocks.{i}.mlp.w3.{p}", "blocks.{i}.fc2.{p}"),
+               ("blocks.{i}.ls2.gamma", "blocks.{i}.ls2"), ("norm.{p}", "norm.{p}")],
+}
+_PREFIXES = ("visual.trunk.", "trunk.", "visual.", "model.")
+
+
+def _strip(name: str) -> str:
+    for p in _PREFIXES:
+        if name.startswith(p):
+            return name[len(p):]
+    return name
+
+
+def _merge_hf_qkv(named):
+    """HF Dinov2 stores query/key/value separately; DINOv2 and we use one qkv (rows q, k, v)."""
+    parts = {}
+    for name, t in named:
+        for which in ("query", "key", "value"):
+            tag = f".attention.attention.{which}."
+            if tag in name:
+                base, p = name.split(tag)
+                got = parts.setdefault((base, p), {})
+                got[which] = t
+                if len(got) == 3:
+                    yield f"{base}.attention.qkv.{p}", torch.cat([got["query"], got["key"], got["value"]])
+                    del parts[(base, p)]
+                break
+        else:
+            yield name, t
+    for (base, p), got in parts.items():     # an incomplete triple: report what is there as unexpected
+        for which, t in got.items():
+            yield f"{base}.attention.attention.{which}.{p}", t
+
+
+def load_encoder(module: nn.Module, path, dtype=torch.float32, device="cpu") -> nn.Module:
+    """Load ConvNeXt or ViT weights from a safetensors file or HF directory, any known layout.
+
+    `module` is built on the meta device; the layout is recognised from the key names.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such encoder checkpoint")
+    files = safetensors_files(path) if path.is_dir() else [path]
+    with safe_open(str(files[0]), framework="pt") as f:
+        first = [_strip(k) for k in f.keys()]
+    is_vit = isinstance(module, ViT)
+    layouts = VIT_LAYOUTS if is_vit else CONVNEXT_LAYOUTS
+    if any(k.startswith(("embeddings.", "encoder.")) for k in first):
+        layout = "hf"
+    else:
+        layout = "dinov2" if is_vit else "timm"
+    # {p} stands for weight or bias; the other fields are integer indices.
+    rules = compile_rules([(s.replace("{p}", p), d.replace("{p}", p)) for s, d in layouts[layout]
+                           for p in (("weight", "bias") if "{p}" in s else ("",))])
+
+    def rename(name):
+        return map_name(name, rules)
+
+    named = ((_strip(n), t) for n, t in iter_safetensors(files))
+    if is_vit and layout == "hf":
+        named = _merge_hf_qkv(named)
+    return load_state_strict(module, named, rename, dtype=dtype, device=device, where=f"{path} ({layout} layout)")
+
+
+# ----------------------------------------------------------------------------- Mixture of Visual experts
+
+def normalize(x, mean, std):
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+class MixtureOfVisualExperts(nn.Module):
+    """Both frozen encoders on every view; grids aligned; channels concatenated; Linear + LayerNorm.
+
+    views (N, 3, S, S) in [0, 1] -> (N, 1 + (S/patch)^2, llm_dim). The ViT fixes the grid
+    (16x16 for 224/14); the ConvNeXt map (16x16 when fed 512 px) is resized to it if needed,
+    and its cls token is the mean of its grid (DESIGN.md).
+    """
+
+    def __init__(self, convnext: ConvNeXtConfig, vit: ViTConfig, llm_dim: int):
+        super().__init__()
+        self.convnext = ConvNeXt(convnext)
+        self.vit = ViT(vit)
+        self.proj = nn.Sequential(nn.Linear(convnext.dims[-1] + vit.dim, llm_dim), nn.LayerNorm(llm_dim))
+
+    def tokens_per_view(self, view_size: int) -> int:
+        return 1 + (view_size // self.vit.cfg.patch) ** 2
+
+    def freeze_encoders(self):
+        for enc in (self.convnext, self.vit):
+            enc.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """Random init for CPU sizes; real encoders come from load_encoder."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=std if isinstance(m, nn.Linear) else (1.0 / m.weight[0].numel()) ** 0.5)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.vit.cls_token, self.vit.pos_embed, self.vit.mask_token):
+            nn.init.normal_(p, std=std)
+        for name, p in self.named_parameters():     # layer scales at 1: random blocks must contribute
+            if name.endswith(("gamma", "ls1", "ls2")):
+                nn.init.ones_(p)
+
+    @torch.no_grad()
+    def encode_frozen(self, views):
+        S = views.shape[-1]
+        vit_tokens = self.vit(normalize(views, IMAGENET_MEAN, IMAGENET_STD))
+        g = S // self.vit.cfg.patch
+        x = normalize(views, CLIP_MEAN, CLIP_STD)
+        size = self.convnext.cfg.input_size
+        if size and size != S:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        cmap = self.convnext(x)
+        if cmap.shape[-2:] != (g, g):
+            cmap = F.interpolate(cmap, size=(g, g), mode="bilinear", align_corners=False)
+        conv_tokens = cmap.flatten(2).transpose(1, 2)
+        conv_tokens = torch.cat([conv_tokens.mean(1, keepdim=True), conv_tokens], dim=1)
+        return torch.cat([conv_tokens, vit_tokens], dim=-1)
+
+    def forward(self, views):
+        return self.proj(self.encode_frozen(views))

@@ -1,0 +1,133 @@
+"""High-resolution tiling (paper Sec. 3.1): one global view + sub-images, and skip tokens.
+
+The photo keeps its aspect ratio, is resized to fit a square canvas (448 for 2x2
+sub-images of 224, 672 for 3x3) and placed at the TOP-LEFT; the rest is padding.
+Views: the whole canvas downsampled to one sub-image size (global view), then the
+sub-images in row-major order. A sub-image that holds no photo pixel is *fully padded*;
+it is decided from the geometry alone (never from pixel values: a black photo region is
+not padding), and the model puts one learnable skip token in its place.
+
+Boxes are text in normalised canvas coordinates (DESIGN.md); helpers convert both ways.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+MAX_PIXELS = 89_478_485        # PIL's own decompression-bomb limit; larger images are refused
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: names the file and the reason."""
+
+
+@dataclass
+class Tiles:
+    views: torch.Tensor          # (1 + grid^2, 3, S, S) in [0, 1]: global view, then sub-images row-major
+    fully_padded: list[bool]     # per view; the global view is never padded
+    grid: int
+    canvas: int
+    photo_size: tuple[int, int]  # (w, h) of the original photo (after EXIF rotation)
+    resized: tuple[int, int]     # (w, h) of the photo on the canvas
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.fully_padded)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited over white; 16/32-bit images are rescaled."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (float(a.min()), float(a.max()))
+        a = np.clip((a - lo) / max(hi - lo, 1e-12) * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """Open an image file with EXIF orientation applied, as RGB. One clear ImageError on failure."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"{path}: {img.width}x{img.height} pixels exceeds the limit of {MAX_PIXELS}")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused as a decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for non-images and truncated files
+        raise ImageError(f"{path}: not a readable image ({e})") from None
+
+
+# ----------------------------------------------------------------------------- tiling
+
+def resized_size(w: int, h: int, canvas: int) -> tuple[int, int]:
+    """Aspect-preserving size that fits the canvas (the longer side fills it, never below 1 px)."""
+    s = canvas / max(w, h)
+    return max(1, min(canvas, round(w * s))), max(1, min(canvas, round(h * s)))
+
+
+def fully_padded_mask(resized: tuple[int, int], canvas: int, grid: int) -> list[bool]:
+    """Which sub-images (row-major) hold no photo pixel, from geometry: the photo is at the top-left."""
+    sub = canvas // grid
+    w, h = resized
+    return [c * sub >= w or r * sub >= h for r in range(grid) for c in range(grid)]
+
+
+def tile(img: Image.Image, canvas: int = 448, grid: int = 2) -> Tiles:
+    """Photo -> global view + grid x grid sub-images of canvas/grid pixels each."""
+    if canvas % grid:
+        raise ValueError(f"canvas {canvas} does not split into a {grid}x{grid} grid")
+    img = to_rgb(img)
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageError(f"image of size {w}x{h} has no pixels")
+    rw, rh = resized_size(w, h, canvas)
+    board = Image.new("RGB", (canvas, canvas), (0, 0, 0))
+    board.paste(img.resize((rw, rh), Image.BICUBIC), (0, 0))
+    sub = canvas // grid
+    pixels = torch.from_numpy(np.asarray(board, dtype=np.float32) / 255.0).permute(2, 0, 1)   # (3, C, C)
+    global_view = torch.nn.functional.interpolate(pixels[None], size=(sub, sub), mode="bicubic",
+                                                  align_corners=False, antialias=True)[0].clamp(0, 1)
+    subs = pixels.unfold(1, sub, sub).unfold(2, sub, sub)              # (3, g, g, S, S)
+    subs = subs.permute(1, 2, 0, 3, 4).reshape(grid * grid, 3, sub, sub)
+    return Tiles(views=torch.cat([global_view[None], subs]).contiguous(),
+                 fully_padded=[False] + fully_padded_mask((rw, rh), canvas, grid),
+                 grid=grid, canvas=canvas, photo_size=(w, h), resized=(rw, rh))
+
+
+# ----------------------------------------------------------------------------- boxes
+
+def photo_to_canvas(xy, tiles: Tiles) -> list[float]:
+    """Photo pixel coordinates [x1, y1, x2, y2, ...] -> normalised canvas coordinates in [0, 1]."""
+    sx, sy = tiles.resized[0] / tiles.photo_size[0], tiles.resized[1] / tiles.photo_size[1]
+    return [v * (sx if i % 2 == 0 else sy) / tiles.canvas for i, v in enumerate(xy)]
+
+
+def canvas_to_photo(xy, tiles: Tiles) -> list[float]:
+    """Normalised canvas coordinates -> photo pixel coordinates (inverse of photo_to_canvas)."""
+    sx, sy = tiles.resized[0] / tiles.photo_size[0], tiles.resized[1] / tiles.photo_size[1]
+    return [v * tiles.canvas / (sx if i % 2 == 0 else sy) for i, v in enumerate(xy)]
+
+
+def format_box(xy) -> str:
+    """[x1, y1, x2, y2] or [x, y] as the text the model reads and writes: 2 decimals."""
+    return "[" + ", ".join(f"{min(max(v, 0.0), 1.0):.2f}" for v in xy) + "]"
