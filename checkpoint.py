@@ -77,7 +77,7 @@ def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None,
     tied = tied_names(model)
     for n in tied:
         expected.pop(n, None)
-    state, unexpected, misshaped, seen_slots, ties = {}, [], [], {}, []
+    state, unexpected, misshaped, seen_slots, ties, bad_shape = {}, [], [], {}, [], set()
     for src, t in named_tensors:
         target = rename(src) if rename else (src, None)
         if target is None or (target[0] in tied and target[1] is None):
@@ -95,6 +95,7 @@ def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None,
             if slot is not None and not 0 <= slot < shape[0]:
                 misshaped.append(f"{src}: expert {slot} but the model has {shape[0]}")
             elif tuple(t.shape) != tuple(want):
+                bad_shape.add(name)
                 misshaped.append(f"{src}: checkpoint {tuple(t.shape)} vs model {tuple(want)}")
             elif slot is None:
                 state[name] = t.to(device=device, dtype=dtype)
@@ -107,7 +108,7 @@ def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None,
         if len(slots) != expected[name][0]:
             missing_slots = sorted(set(range(expected[name][0])) - slots)
             misshaped.append(f"{name}: experts {missing_slots} missing")
-    missing = sorted(set(expected) - set(state)) if strict else []
+    missing = sorted(set(expected) - set(state) - bad_shape) if strict else []
     if missing or unexpected or misshaped:
         parts = [f"{where} does not fit the model:"]
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):

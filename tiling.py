@@ -11,6 +11,7 @@ Boxes are text in normalised canvas coordinates (DESIGN.md); helpers convert bot
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,10 @@ def load_image(path) -> Image.Image:
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():   # the size is checked below, with a clearer message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(f"{path}: {img.width}x{img.height} pixels exceeds the limit of {MAX_PIXELS}")
             img.load()

@@ -198,3 +198,123 @@ def test_own_format_roundtrip_and_atomic_save(tmp_path, monkeypatch):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(M.CheckpointError, match="junk.safetensors: not a readable safetensors file"):
         M.load_llm(tmp_path / "junk.safetensors")
+
+
+# ----------------------------------------------------------------------------- the multimodal Sphinx model
+
+from PIL import Image  # noqa: E402
+
+import tiling as T  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_sphinx():
+    torch.manual_seed(0)
+    return M.build_sphinx(M.sphinx_config("tiny", llm=M.llm_config("tiny", n_layers=2)))
+
+
+def _photo(w, h, seed=0):
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=torch.Generator().manual_seed(seed),
+                                         dtype=torch.uint8).numpy())
+
+
+def _count_encoder_views(model):
+    seen = {"vit": 0, "convnext": 0}
+    hooks = [getattr(model.mov, k).register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, seen[k] + len(i[0])))
+             for k in seen]
+    return seen, hooks
+
+
+def test_skip_tokens_save_exactly_the_padded_views(tiny_sphinx):
+    m = tiny_sphinx
+    square, wide = T.tile(_photo(90, 90), 128, 2), T.tile(_photo(200, 100), 128, 2)
+    per_view = m.mov.tokens_per_view(64) + 2
+    assert m.image_cost(square) == {"views_encoded": 5, "skip_tokens": 0, "image_tokens": 5 * per_view}
+    assert m.image_cost(wide) == {"views_encoded": 3, "skip_tokens": 2, "image_tokens": 3 * per_view + 2}
+    tokens = torch.tensor([[1, 5, 6, 7]])
+    for tiles, views in ((square, 5), (wide, 3)):
+        seen, hooks = _count_encoder_views(m)
+        with torch.no_grad():
+            logits, _ = m(tokens, [tiles])
+        [h.remove() for h in hooks]
+        assert seen == {"vit": views, "convnext": views}
+        assert logits.shape[1] == 4 + m.image_cost(tiles)["image_tokens"]
+    off = M.build_sphinx(replace_cfg(m.cfg, skip_tokens=False), init=False)
+    assert off.image_cost(wide) == {"views_encoded": 5, "skip_tokens": 0, "image_tokens": 5 * per_view}
+
+
+def replace_cfg(cfg, **kw):
+    from dataclasses import replace
+    return replace(cfg, **kw)
+
+
+def test_sequence_layout_bos_image_block_text(tiny_sphinx):
+    m = tiny_sphinx
+    wide = T.tile(_photo(200, 100), 128, 2)                     # views: global, s0, s1, skip, skip
+    tokens = torch.tensor([[1, 11, 12, 13]])
+    targets = torch.tensor([[11, 12, 13, -100]])
+    with torch.no_grad():
+        emb, tgt = m.embed(tokens, [wide], targets)
+        feats = m.mov(wide.views[:3])
+    n = m.mov.tokens_per_view(64)
+    E = m.llm.tok_embeddings.weight
+    assert torch.equal(emb[0, 0], E[1])
+    pos = 1
+    for v in range(3):
+        assert torch.equal(emb[0, pos], m.begin_of_image)
+        torch.testing.assert_close(emb[0, pos + 1: pos + 1 + n], feats[v])
+        assert torch.equal(emb[0, pos + 1 + n], m.end_of_image)
+        pos += n + 2
+    assert torch.equal(emb[0, pos], m.skip_token) and torch.equal(emb[0, pos + 1], m.skip_token)
+    assert torch.equal(emb[0, pos + 2:], E[[11, 12, 13]])
+    assert (tgt[0, :pos + 1] == -100).all() and tgt[0, pos + 1].item() == 11
+    assert tgt[0, pos + 2:].tolist() == [12, 13, -100]
+
+
+def test_batch_mixes_images_and_text_only(tiny_sphinx):
+    m = tiny_sphinx
+    tiles = [T.tile(_photo(200, 100), 128, 2), None, T.tile(_photo(64, 64), 128, 2)]
+    tokens = torch.randint(2, 100, (3, 6))
+    tokens[:, 0] = 1
+    with torch.no_grad():
+        batched, _ = m(tokens, tiles)
+        for b in range(3):
+            single, _ = m(tokens[b:b + 1], [tiles[b]])
+            L = single.shape[1]
+            torch.testing.assert_close(batched[b, :L], single[0], atol=1e-4, rtol=0)   # right padding is harmless
+
+
+def test_gradients_reach_projector_tags_skip_token_not_encoders(tiny_sphinx):
+    m = tiny_sphinx
+    m.zero_grad(set_to_none=True)
+    tokens = torch.randint(2, 100, (2, 8))
+    tokens[:, 0] = 1
+    _, loss = m(tokens, [T.tile(_photo(200, 100), 128, 2), T.tile(_photo(70, 70), 128, 2)], torch.roll(tokens, -1, 1))
+    loss.backward()
+    for p in (m.mov.proj[0].weight, m.mov.proj[1].weight, m.begin_of_image, m.end_of_image, m.skip_token,
+              m.llm.layers[0].attention.wq.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    for p in [*m.mov.convnext.parameters(), *m.mov.vit.parameters()]:
+        assert not p.requires_grad and p.grad is None
+    m.zero_grad(set_to_none=True)
+
+
+def test_sphinx_sizes_and_checkpoint_roundtrip(tiny_sphinx, tmp_path):
+    # Paper sizes on the meta device: LLM + ConvNeXt-XXL + ViT-g + projector (Linear 4608->d with bias,
+    # LayerNorm d) + three learnable vectors (begin/end of image, skip token).
+    for name in ("sphinx-tiny", "sphinx-intern2", "sphinx-plus", "sphinx-plus-2k", "sphinx-moe"):
+        cfg = M.sphinx_config(name)
+        big = M.build_sphinx(cfg, init=False)
+        d = cfg.llm.dim
+        assert M.count_params(big) == M.count_params(big.llm) + 843_398_016 + 1_136_480_768 + 4608 * d + 3 * d + 3 * d
+        assert big.mov.tokens_per_view(cfg.view_size) == 257
+    assert M.count_params(M.build_sphinx(M.sphinx_config("tiny-moe"), init=False).llm) > 0
+    assert M.sphinx_config("sphinx-plus-2k").grid == 3 and M.sphinx_config("sphinx-plus-2k").view_size == 224
+    with pytest.raises(KeyError, match="unknown size 'sphinx-huge'"):
+        M.sphinx_config("sphinx-huge")
+    path = tmp_path / "tiny.safetensors"
+    M.save_sphinx(path, tiny_sphinx)
+    back = M.load_sphinx(path, skip_tokens=False)
+    assert not back.cfg.skip_tokens and back.cfg.llm == tiny_sphinx.cfg.llm
+    for (k, a), (_, b) in zip(tiny_sphinx.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
