@@ -125,9 +125,13 @@ def _grouped_wgrad(a_ptr, b_ptr, c_ptr, offsets_ptr, P, Q,
              acc.to(c_ptr.dtype.element_ty), mask=(ps[:, None] < P) & (qs[None, :] < Q))
 
 
-# Tile sizes. On a Hopper GPU at the SPHINX-MoE shape (README): 128 x 128 x 64 fp16/bf16 tiles.
-# Under the CPU interpreter every tile is a numpy matmul, so small tiles only cost time.
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+def tile_sizes(device: torch.device) -> dict:
+    """BLOCK_M/N/K and launch options. Hopper (see README for the arithmetic): 128 x 128 x 64 tiles,
+    8 warps, 4 pipeline stages (4 x 32 KB of shared memory). The CPU interpreter runs every tile as
+    a numpy matmul, so small tiles only cost time there."""
+    if device.type == "cuda":
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 
 
 def _tile_table(offsets: torch.Tensor, M: int, block_m: int):
@@ -146,6 +150,7 @@ def _tile_table(offsets: torch.Tensor, M: int, block_m: int):
 
 def grouped_mm(a, b_stack, offsets, table, out=None, transpose_b=False):
     """a (M, K) grouped rows @ per-expert b_stack[e] (K, N), or b_stack[e]^T if transpose_b."""
+    tiles = tile_sizes(a.device)
     be, bk, bn = b_stack.stride()
     if transpose_b:
         bk, bn = bn, bk
@@ -154,11 +159,10 @@ def grouped_mm(a, b_stack, offsets, table, out=None, transpose_b=False):
     if out is None:
         out = a.new_empty(a.shape[0], N)
     tile_expert, tile_row = table
-    grid = (tile_expert.numel(), triton.cdiv(N, BLOCK_N))
+    grid = (tile_expert.numel(), triton.cdiv(N, tiles["BLOCK_N"]))
     _grouped_mm[grid](a, b_stack, out, tile_expert, tile_row, offsets, N, a.shape[1],
                       a.stride(0), a.stride(1), be, bk, bn, out.stride(0), out.stride(1),
-                      ACCUMULATE=accumulate, FP32_IEEE=a.dtype == torch.float32,
-                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                      ACCUMULATE=accumulate, FP32_IEEE=a.dtype == torch.float32, **tiles)
     return out
 
 
@@ -166,10 +170,12 @@ def grouped_wgrad(a, b, offsets, n_experts):
     """Per expert: a[rows]^T @ b[rows] -> (E, P, Q)."""
     P, Q = a.shape[1], b.shape[1]
     out = a.new_empty(n_experts, P, Q)
-    grid = (n_experts, triton.cdiv(P, BLOCK_N) * triton.cdiv(Q, BLOCK_N))
+    t = tile_sizes(a.device)
+    launch = {k: v for k, v in t.items() if k.startswith("num_")}
+    grid = (n_experts, triton.cdiv(P, t["BLOCK_M"]) * triton.cdiv(Q, t["BLOCK_N"]))
     _grouped_wgrad[grid](a, b, out, offsets, P, Q, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                          out.stride(0), out.stride(1), out.stride(2), FP32_IEEE=a.dtype == torch.float32,
-                         BLOCK_P=BLOCK_N, BLOCK_Q=BLOCK_N, BLOCK_M=BLOCK_K)
+                         BLOCK_P=t["BLOCK_M"], BLOCK_Q=t["BLOCK_N"], BLOCK_M=t["BLOCK_K"], **launch)
     return out
 
 
@@ -179,7 +185,7 @@ class GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w3, w2, offsets):
         offsets = offsets.to(torch.int32)
-        table = _tile_table(offsets, x.shape[0], BLOCK_M)
+        table = _tile_table(offsets, x.shape[0], tile_sizes(x.device)["BLOCK_M"])
         h1 = grouped_mm(x, w1, offsets, table, transpose_b=True)
         h3 = grouped_mm(x, w3, offsets, table, transpose_b=True)
         h = F.silu(h1) * h3
