@@ -1,4 +1,5 @@
-"""Data for one-stage all-in-one training: tokenizer first, then conversations.
+"""One-stage all-in-one data (paper Sec. 3.2): tokenizer, conversations, readers, built-in
+synthetic multi-task data, length-grouped data-parallel batches, evaluation.
 
 The tokenizer is one small interface over the two file formats LLM checkpoints ship:
 a SentencePiece `.model` (LLaMA-2, TinyLlama, Mixtral, InternLM2) and a HF
@@ -7,7 +8,16 @@ because the image block is spliced in right after BOS.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from tiling import ImageError, ImageLayout, Tiles, format_box, load_image, photo_to_canvas, tile
 
 
 class Tokenizer:
@@ -52,3 +62,525 @@ class Tokenizer:
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         return self._sp.DecodeIds(ids) if self._sp else self._hf.decode(ids, skip_special_tokens=True)
+
+
+def train_tokenizer(texts, vocab_size: int, path) -> Tokenizer:
+    """A byte-level BPE trained on `texts`, saved as a HF tokenizer.json (the CPU sizes' tokenizer).
+
+    Byte-level: any text round-trips exactly, so the decoded targets equal the answers.
+    """
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return Tokenizer(path)
+
+
+# ----------------------------------------------------------------------------- conversations
+
+IGNORE_INDEX = -100
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SEP = "###"
+REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {}."
+BOX_RE = re.compile(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)(?:\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?))?\s*\]")
+
+
+class DataError(ValueError):
+    """Bad input, named by file and line."""
+
+
+@dataclass
+class Sample:
+    turns: list[tuple[str, str]]                  # (human, assistant) pairs, <image> already stripped
+    task: str = "text"
+    source: str = ""                              # "file:line" or "synthetic:split:index", for messages
+    image: Image.Image | None = None              # an RGB image, or
+    image_path: str | None = None                 # a file opened when the sample is encoded
+    image_size: tuple[int, int] | None = None     # (w, h) if known without decoding
+    truth: dict = field(default_factory=dict)     # ground truth for evaluation (synthetic data)
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None or self.image_path is not None
+
+    def load_image(self) -> Image.Image | None:
+        if self.image is None and self.image_path is not None:
+            try:
+                return load_image(self.image_path)
+            except ImageError as e:
+                raise DataError(f"{self.source}: {e}") from None
+        return self.image
+
+
+def render(turns, upto_answer: bool = True) -> list[tuple[str, bool]]:
+    """Conversation -> (text, is_target) segments in the reference template (conv_v1_2):
+    {system}\\n\\n### Human: {q}\\n### Assistant: {a}\\n### Human: ... Only ' {a}\\n###' are targets."""
+    segs, prefix = [], SYSTEM + "\n\n" + SEP
+    for i, (q, a) in enumerate(turns):
+        segs.append((prefix + " Human: " + q + "\n" + SEP + " Assistant:", False))
+        if a is None:
+            break
+        segs.append((" " + a + "\n" + SEP, True))
+        prefix = ""
+    return segs
+
+
+def prompt_text(turns) -> str:
+    """The text the model sees before generating the last answer (last answer is None)."""
+    return "".join(t for t, _ in render(turns))
+
+
+@dataclass
+class Encoded:
+    tokens: list[int]             # BOS + text (the image block is spliced in by the model after BOS)
+    targets: list[int]            # next-token targets aligned with tokens, IGNORE_INDEX where no loss
+    tiles: Tiles | None
+    image_tokens: int
+    task: str
+    source: str
+
+    def __len__(self):
+        return len(self.tokens) + self.image_tokens
+
+
+def encode(sample: Sample, tok: Tokenizer, max_len: int, layout: ImageLayout) -> Encoded:
+    """Tokenise with loss only on assistant answers; drop trailing turns to fit max_len (counting the
+    image block); raise DataError if not even the first answer fits."""
+    img = sample.load_image()
+    tiles = tile(img, layout.canvas, layout.grid) if img is not None else None
+    n_img = layout.block_len(tiles.fully_padded) if tiles is not None else 0
+    pieces = [(tok.encode(text), is_t) for text, is_t in render(sample.turns)]
+    while pieces and 1 + n_img + sum(len(p) for p, _ in pieces) > max_len:
+        pieces = pieces[:-2]                                 # drop the last (question, answer) turn
+    if not pieces:
+        raise DataError(f"{sample.source}: does not fit max_len {max_len} even with one turn "
+                        f"({n_img} image tokens); nothing left to learn")
+    tokens, is_target = [tok.bos_id], [False]
+    for ids, is_t in pieces:
+        tokens += ids
+        is_target += [is_t] * len(ids)
+    targets = [t if tgt else IGNORE_INDEX for t, tgt in zip(tokens[1:], is_target[1:])] + [IGNORE_INDEX]
+    return Encoded(tokens, targets, tiles, n_img, sample.task, sample.source)
+
+
+def estimate_len(sample: Sample, tok: Tokenizer, layout: ImageLayout) -> int:
+    """Length without decoding the image (for length-grouped batching)."""
+    n = 1 + sum(len(tok.encode(t)) for t, _ in render(sample.turns))
+    if sample.has_image:
+        size = sample.image_size or (sample.image.size if sample.image is not None else None)
+        n += layout.block_len_for_size(*size) if size else 0
+    return n
+
+
+# ----------------------------------------------------------------------------- readers
+
+def check_boxes(text: str, source: str):
+    for m in BOX_RE.finditer(text):
+        vals = [float(v) for v in m.groups() if v is not None]
+        if any(v < 0 or v > 1 for v in vals):
+            raise DataError(f"{source}: box {m.group(0)} is outside [0, 1] (boxes are normalised canvas coordinates)")
+
+
+def record_to_sample(rec, source: str, image_root: Path | None) -> Sample:
+    """A LLaVA-style record {"image"?, "conversations": [{"from": "human"|"gpt", "value"}]} -> Sample."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+        raise DataError(f"{source}: record has no 'conversations' list")
+    turns, q = [], None
+    for msg in rec["conversations"]:
+        if not isinstance(msg, dict) or not isinstance(msg.get("value"), str):
+            raise DataError(f"{source}: a conversation message has no string 'value'")
+        role, text = msg.get("from"), msg["value"].replace("<image>", "").strip()
+        check_boxes(text, source)
+        if role in ("human", "user"):
+            q = text if q is None else q + "\n" + text
+        elif role in ("gpt", "assistant"):
+            if q is None:
+                raise DataError(f"{source}: an assistant turn comes before any human turn")
+            turns.append((q, text))
+            q = None
+        else:
+            raise DataError(f"{source}: unknown role {role!r} (expected human or gpt)")
+    if not turns:
+        raise DataError(f"{source}: record has no assistant turn, nothing to learn")
+    image_path = None
+    if rec.get("image"):
+        image_path = str((image_root or Path(".")) / rec["image"])
+        if not Path(image_path).exists():
+            raise DataError(f"{source}: image {image_path} does not exist")
+    return Sample(turns, task=rec.get("task", "image" if image_path else "text"), source=source, image_path=image_path)
+
+
+def read_records(path):
+    """(source "file:line", record) pairs from a JSON list or a JSONL file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such data file")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{i}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{i}", DataError(f"{path}:{i}: malformed JSON ({e.msg})")
+        return
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    # Line numbers for a JSON list: where each top-level record starts.
+    starts = [m.start() for m in re.finditer(r"^\s*\{", text, re.M)]
+    for i, rec in enumerate(records):
+        line = text.count("\n", 0, starts[i]) + 1 if i < len(starts) else i + 1
+        yield f"{path}:{line}", rec
+
+
+class Skips:
+    """Bad-input policy: 'error' raises the first DataError; 'skip' counts them for the final report."""
+
+    def __init__(self, policy: str = "error"):
+        if policy not in ("error", "skip"):
+            raise ValueError(f"policy must be 'error' or 'skip', not {policy!r}")
+        self.policy, self.reasons = policy, []
+
+    def handle(self, err: DataError):
+        if self.policy == "error":
+            raise err
+        self.reasons.append(str(err))
+
+    def report(self) -> str:
+        return f"skipped {len(self.reasons)} bad samples" + "".join(f"\n  {r}" for r in self.reasons[:10])
+
+
+def load_dataset(path, image_root=None, skips: Skips | None = None) -> list[Sample]:
+    skips = skips or Skips()
+    out = []
+    for source, rec in read_records(path):
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            out.append(record_to_sample(rec, source, Path(image_root) if image_root else Path(path).parent))
+        except DataError as e:
+            skips.handle(e)
+    return out
+
+
+def read_mixture(path) -> list[dict]:
+    """A mixture file: {"datasets": [{"path": ..., "ratio": 0.7, "image_root": ...}, ...]}.
+    `path` may be "synthetic" for the built-in data. Paths are relative to the mixture file."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read mixture ({e})") from None
+    entries = spec.get("datasets") if isinstance(spec, dict) else None
+    if not entries or any("path" not in e or float(e.get("ratio", 0)) <= 0 for e in entries):
+        raise DataError(f"{path}: expected {{'datasets': [{{'path', 'ratio' > 0}}, ...]}}")
+    for e in entries:
+        if e["path"] != "synthetic":
+            e["path"] = str(path.parent / e["path"])
+            if e.get("image_root"):
+                e["image_root"] = str(path.parent / e["image_root"])
+    return entries
+
+
+# ----------------------------------------------------------------------------- built-in synthetic data
+#
+# Photos of varied aspect ratios (so skip tokens occur) with coloured shapes and rendered words,
+# and tasks mirroring the paper's families. Deterministic from (seed, split, index); a scene goes
+# to the eval split iff a hash of its content says so, so the splits never overlap.
+
+COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (230, 200, 20),
+          "purple": (140, 50, 180), "orange": (245, 130, 20)}
+SHAPES = ("circle", "square", "triangle")
+WORDS = ("CAT", "DOG", "SUN", "MAP", "BOX", "KEY", "CUP", "HAT")
+ASPECTS = ((1, 1), (4, 3), (3, 4), (2, 1), (1, 2), (3, 1), (1, 3))
+TASKS = ("caption", "vqa", "grounding", "detection", "ocr", "som", "language")
+NAMES = ("Tom", "Ann", "Bob", "Eve", "Sam", "Mia")
+DIALOG = (("Hello!", "Hello! How can I help you today?"), ("Thank you.", "You are welcome."),
+          ("Who are you?", "I am an AI assistant that can see images."), ("Goodbye.", "Goodbye! Have a nice day."))
+
+
+def _draw_scene(rng: random.Random, long_side: int = 192):
+    aw, ah = rng.choice(ASPECTS)
+    w, h = (long_side, long_side * ah // aw) if aw >= ah else (long_side * aw // ah, long_side)
+    bg = tuple(rng.randint(200, 250) for _ in range(3))
+    img = Image.new("RGB", (w, h), bg)
+    draw = ImageDraw.Draw(img)
+    taken, objects = [], []
+
+    def place(bw, bh):
+        for _ in range(200):
+            x, y = rng.randint(0, w - bw), rng.randint(0, h - bh)
+            box = (x, y, x + bw, y + bh)
+            if all(box[2] + 2 <= t[0] or t[2] + 2 <= box[0] or box[3] + 2 <= t[1] or t[3] + 2 <= box[1] for t in taken):
+                taken.append(box)
+                return box
+        return None
+
+    word = None
+    if rng.random() < 0.5:
+        text = rng.choice(WORDS)
+        font = ImageFont.load_default(size=max(12, int(0.3 * min(w, h))))
+        l, t, r, b = draw.textbbox((0, 0), text, font=font)
+        box = place(r - l, b - t)
+        if box:
+            draw.text((box[0] - l, box[1] - t), text, fill=(10, 10, 10), font=font)
+            word = {"text": text, "box": box}
+    for color in rng.sample(list(COLORS), rng.randint(1, 3)):
+        size = int(rng.uniform(0.3, 0.45) * min(w, h))
+        shape = rng.choice(SHAPES)
+        box = place(size, size)
+        if box is None:
+            continue
+        x0, y0, x1, y1 = box
+        if shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=COLORS[color])
+        elif shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=COLORS[color])
+        else:
+            draw.polygon([(x0, y1 - 1), ((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1)], fill=COLORS[color])
+        objects.append({"color": color, "shape": shape, "box": box})
+    objects.sort(key=lambda o: (o["box"][0] + o["box"][2]))          # left to right
+    return img, objects, word
+
+
+def _phrase_list(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _tasks_for(rng, img, objects, word, canvas):
+    """(task, turns, truth) for one scene."""
+    box = lambda b: format_box(photo_to_canvas(b, img.size, canvas))
+    center = lambda b: format_box(photo_to_canvas([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2], img.size, canvas))
+    name = lambda o: f"{o['color']} {o['shape']}"
+    choices = ["caption", "vqa"] + (["grounding", "detection", "som"] if objects else []) + (["ocr"] if word else [])
+    task = rng.choice(choices)
+    if task == "caption":
+        parts = [("an " if o["color"][0] in "aeiou" else "a ") + name(o) for o in objects] + ([f"the word {word['text']}"] if word else [])
+        ans = (_phrase_list(parts) if parts else "nothing but an empty background") + "."
+        return task, [("Describe the image briefly.", ans[0].upper() + ans[1:])]
+    if task == "vqa":
+        qa = [("How many shapes are there?", f"{len(objects)}.")]
+        shapes = [o["shape"] for o in objects]
+        for o in objects:
+            if shapes.count(o["shape"]) == 1:
+                qa.append((f"What color is the {o['shape']}?", o["color"].capitalize() + "."))
+            qa.append((f"What shape is the {o['color']} object?", o["shape"].capitalize() + "."))
+        for a in objects:
+            for b in objects:
+                ca, cb = (a["box"][0] + a["box"][2]) / 2, (b["box"][0] + b["box"][2]) / 2
+                if ca + 0.1 * img.width < cb:
+                    qa.append((f"Is the {name(a)} to the left or to the right of the {name(b)}?", "Left."))
+                    qa.append((f"Is the {name(b)} to the left or to the right of the {name(a)}?", "Right."))
+        return task, rng.sample(qa, min(2, len(qa)))
+    if task == "grounding":
+        o = rng.choice(objects)
+        return task, [(REC_PROMPT.format(f"the {name(o)}"), box(o["box"]))]
+    if task == "detection":
+        return task, [("Detect all the objects in the image.", ", ".join(f"{name(o)} {box(o['box'])}" for o in objects))]
+    if task == "ocr":
+        return task, [("What text is written in the image? Answer with the text and its box.",
+                       f"{word['text']} {box(word['box'])}")]
+    marks = rng.sample(objects, len(objects))
+    q = " ".join(f"<Mark {i + 1}> {center(o['box'])}" for i, o in enumerate(marks)) + " What is at each mark?"
+    return "som", [(q, " ".join(f"<Mark {i + 1}>: {name(o)}." for i, o in enumerate(marks)))]
+
+
+def _language_turns(rng):
+    kind = rng.randrange(3)
+    if kind == 0:
+        turns = []
+        for _ in range(rng.randint(1, 2)):
+            a, b = rng.randint(0, 49), rng.randint(0, 49)
+            a, b = max(a, b), min(a, b)
+            op = rng.choice("+-")
+            turns.append((f"What is {a} {op} {b}?", f"{a + b if op == '+' else a - b}."))
+        return turns
+    if kind == 1:
+        who, a, b = rng.choice(NAMES), rng.randint(1, 20), rng.randint(1, 20)
+        return [(f"{who} has {a} apples and gets {b} more. How many apples does {who} have now?", f"{a + b}.")]
+    return rng.sample(DIALOG, rng.randint(1, 2))
+
+
+def synthetic_sample(seed: int, split: str, index: int, canvas: int) -> Sample:
+    for attempt in range(1000):
+        rng = random.Random(f"{seed}:{split}:{index}:{attempt}")
+        if rng.random() < 1 / len(TASKS):
+            img, task, turns, truth = None, "language", _language_turns(rng), {}
+            key = json.dumps(turns)
+        else:
+            img, objects, word = _draw_scene(rng)
+            task, turns = _tasks_for(rng, img, objects, word, canvas)
+            truth = {"objects": objects, "word": word}
+            key = json.dumps([img.size, objects, word, task, turns])
+        if (int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10 == 0) == (split == "eval"):
+            return Sample(turns, task=task, source=f"synthetic:{split}:{index}", image=img,
+                          image_size=img.size if img else None, truth=truth)
+    raise RuntimeError("unreachable: a tenth of all scenes are eval scenes")
+
+
+# ----------------------------------------------------------------------------- streams and batches
+
+class SampleSource:
+    """An endless, seeded stream from a mixture of datasets drawn by ratio. Its state is three small
+    lists, so a run can save and resume its exact position."""
+
+    def __init__(self, entries: list[dict], seed: int, canvas: int, split: str = "train", skips: Skips | None = None):
+        self.seed, self.canvas, self.split = seed, canvas, split
+        self.skips = skips or Skips()
+        self.datasets = [e["path"] if e["path"] == "synthetic" else
+                         load_dataset(e["path"], e.get("image_root"), self.skips) for e in entries]
+        for e, ds in zip(entries, self.datasets):
+            if ds != "synthetic" and not ds:
+                raise DataError(f"{e['path']}: no usable records")
+        total = sum(float(e.get("ratio", 1.0)) for e in entries)
+        self.cum = [sum(float(e.get("ratio", 1.0)) for e in entries[:i + 1]) / total for i in range(len(entries))]
+        self.draws, self.cursors, self.epochs = 0, [0] * len(entries), [0] * len(entries)
+        self._perm = {}
+
+    def _order(self, i: int) -> list[int]:
+        key = (i, self.epochs[i])
+        if key not in self._perm:
+            self._perm = {key: random.Random(f"{self.seed}:perm:{i}:{self.epochs[i]}").sample(
+                range(len(self.datasets[i])), len(self.datasets[i]))}
+        return self._perm[key]
+
+    def next(self) -> Sample:
+        u = random.Random(f"{self.seed}:mix:{self.draws}").random()
+        i = next(j for j, c in enumerate(self.cum) if u < c or j == len(self.cum) - 1)
+        self.draws += 1
+        ds, k = self.datasets[i], self.cursors[i]
+        self.cursors[i] += 1
+        if ds == "synthetic":
+            return synthetic_sample(self.seed, self.split, k, self.canvas)
+        sample = ds[self._order(i)[k]]
+        if self.cursors[i] == len(ds):
+            self.cursors[i], self.epochs[i] = 0, self.epochs[i] + 1
+        return sample
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "cursors": list(self.cursors), "epochs": list(self.epochs)}
+
+    def load_state_dict(self, s: dict):
+        self.draws, self.cursors, self.epochs = s["draws"], list(s["cursors"]), list(s["epochs"])
+
+
+class Batcher:
+    """Length-grouped global batches, each split across data-parallel ranks (rank r takes samples
+    r, r + world, ...: disjoint and complete). A window of `window` global batches is drawn, sorted
+    by length, cut into batches and shuffled; the state (the source state at the window's start and
+    the batches consumed) does not depend on the number of ranks, so a run can resume on another DP size."""
+
+    def __init__(self, source: SampleSource, tok: Tokenizer, layout: ImageLayout, max_len: int,
+                 global_batch: int, rank: int = 0, world: int = 1, window: int = 8):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} does not split over {world} data-parallel ranks")
+        self.source, self.tok, self.layout, self.max_len = source, tok, layout, max_len
+        self.global_batch, self.rank, self.world, self.window = global_batch, rank, world, window
+        self.batches, self.consumed, self.window_state = [], 0, source.state_dict()
+
+    def _fill(self):
+        self.window_state, self.consumed = self.source.state_dict(), 0
+        pool = [self.source.next() for _ in range(self.window * self.global_batch)]
+        pool.sort(key=lambda s: estimate_len(s, self.tok, self.layout))
+        self.batches = [pool[i:i + self.global_batch] for i in range(0, len(pool), self.global_batch)]
+        random.Random(f"{self.source.seed}:window:{self.window_state['draws']}").shuffle(self.batches)
+
+    def next_samples(self) -> list[Sample]:
+        """This rank's samples of the next global batch."""
+        if self.consumed == len(self.batches):
+            self._fill()
+        batch = self.batches[self.consumed]
+        self.consumed += 1
+        return batch[self.rank::self.world]
+
+    def next(self) -> dict:
+        encoded = []
+        for s in self.next_samples():
+            try:
+                encoded.append(encode(s, self.tok, self.max_len, self.layout))
+            except DataError as e:
+                self.source.skips.handle(e)
+        return collate(encoded, self.tok)
+
+    def state_dict(self) -> dict:
+        return {"source": self.window_state, "consumed": self.consumed}
+
+    def load_state_dict(self, s: dict):
+        self.source.load_state_dict(s["source"])
+        self._fill()
+        self.consumed = s["consumed"]
+
+
+def collate(encoded: list[Encoded], tok: Tokenizer) -> dict:
+    """Right-padded tokens and targets; the model splices each image block in after BOS."""
+    import torch
+    T = max((len(e.tokens) for e in encoded), default=1)
+    pad = tok.eos_id
+    return {
+        "tokens": torch.tensor([e.tokens + [pad] * (T - len(e.tokens)) for e in encoded], dtype=torch.long).view(-1, T),
+        "targets": torch.tensor([e.targets + [IGNORE_INDEX] * (T - len(e.targets)) for e in encoded],
+                                dtype=torch.long).view(-1, T),
+        "images": [e.tiles for e in encoded],
+        "tasks": [e.task for e in encoded],
+        "n_tokens": sum(len(e) for e in encoded),              # real positions, image blocks included
+        "n_targets": sum(t != IGNORE_INDEX for e in encoded for t in e.targets),
+    }
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def parse_boxes(text: str) -> list[list[float]]:
+    return [[float(v) for v in m.groups() if v is not None] for m in BOX_RE.finditer(text)]
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _labelled_boxes(text: str) -> list[tuple[str, list[float]]]:
+    """'red circle [..], blue square [..]' -> [(phrase, box)]; the phrase is the text before each box."""
+    out, last = [], 0
+    for m in BOX_RE.finditer(text):
+        phrase = text[last:m.start()].strip(" ,.;:").lower()
+        vals = [float(v) for v in m.groups() if v is not None]
+        if len(vals) == 4:
+            out.append((phrase, vals))
+        last = m.end()
+    return out
+
+
+def score(task: str, generated: str, reference: str) -> float:
+    """1.0 if the answer is right. Box tasks: every reference (phrase, box) must be matched by a
+    generated one with the same phrase and IoU >= 0.5, and nothing extra; other tasks: exact match."""
+    gen, ref = generated.strip(), reference.strip()
+    if task in ("grounding", "detection", "ocr"):
+        g, r = _labelled_boxes(gen), _labelled_boxes(ref)
+        if len(g) != len(r):
+            return 0.0
+        left = list(g)
+        for phrase, box in r:
+            hit = next((x for x in left if x[0] == phrase and box_iou(x[1], box) >= 0.5), None)
+            if hit is None:
+                return 0.0
+            left.remove(hit)
+        return 1.0
+    return float(gen.lower() == ref.lower())
+
+
+def eval_samples(seed: int, n: int, canvas: int) -> list[Sample]:
+    """The first n samples of the held-out synthetic split."""
+    return [synthetic_sample(seed, "eval", i, canvas) for i in range(n)]

@@ -20,7 +20,7 @@ from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_s
                         map_name, read_safetensors_metadata, safetensors_files, save_safetensors_atomic,
                         unique_state_dict)
 from moe import MoEFeedForward
-from tiling import Tiles
+from tiling import ImageLayout, Tiles
 from vision import CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, ViTConfig
 
 IGNORE_INDEX = -100
@@ -444,12 +444,16 @@ class Sphinx(nn.Module):
         """Per view: True if encoded, False if replaced by the skip token."""
         return [not (self.cfg.skip_tokens and padded) for padded in tiles.fully_padded]
 
+    @property
+    def layout(self) -> ImageLayout:
+        return ImageLayout(self.cfg.canvas, self.cfg.grid, self.mov.tokens_per_view(self.cfg.view_size),
+                           self.cfg.skip_tokens)
+
     def image_cost(self, tiles: Tiles) -> dict:
         """What one image costs: views through the encoders, skip tokens, LLM positions."""
         enc = self.encoded_views(tiles)
-        n_enc, n_skip = sum(enc), len(enc) - sum(enc)
-        per_view = self.mov.tokens_per_view(self.cfg.view_size) + 2
-        return {"views_encoded": n_enc, "skip_tokens": n_skip, "image_tokens": n_enc * per_view + n_skip}
+        return {"views_encoded": sum(enc), "skip_tokens": len(enc) - sum(enc),
+                "image_tokens": self.layout.block_len(tiles.fully_padded)}
 
     def image_blocks(self, images: list[Tiles | None]) -> list[torch.Tensor | None]:
         """(L_i, d) image block per sample; all encoded views of the batch go through MoV at once."""

@@ -40,6 +40,23 @@ class Tiles:
         return sum(self.fully_padded)
 
 
+@dataclass(frozen=True)
+class ImageLayout:
+    """How many LLM positions an image takes: per view <img> tokens </img>, or one skip token."""
+    canvas: int
+    grid: int
+    tokens_per_view: int
+    skip_tokens: bool = True
+
+    def block_len(self, fully_padded: list[bool]) -> int:
+        n_skip = sum(fully_padded) if self.skip_tokens else 0
+        return (len(fully_padded) - n_skip) * (self.tokens_per_view + 2) + n_skip
+
+    def block_len_for_size(self, w: int, h: int) -> int:
+        """The same from the photo size alone (no decoding): geometry decides padding."""
+        return self.block_len([False] + fully_padded_mask(resized_size(w, h, self.canvas), self.canvas, self.grid))
+
+
 # ----------------------------------------------------------------------------- loading
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -120,16 +137,22 @@ def tile(img: Image.Image, canvas: int = 448, grid: int = 2) -> Tiles:
 
 # ----------------------------------------------------------------------------- boxes
 
-def photo_to_canvas(xy, tiles: Tiles) -> list[float]:
+def _axis_scales(photo_size, canvas: int):
+    """Canvas units per photo pixel along x and y (the rounded resize makes them differ slightly)."""
+    (w, h), (rw, rh) = photo_size, resized_size(*photo_size, canvas)
+    return rw / w / canvas, rh / h / canvas
+
+
+def photo_to_canvas(xy, photo_size, canvas: int) -> list[float]:
     """Photo pixel coordinates [x1, y1, x2, y2, ...] -> normalised canvas coordinates in [0, 1]."""
-    sx, sy = tiles.resized[0] / tiles.photo_size[0], tiles.resized[1] / tiles.photo_size[1]
-    return [v * (sx if i % 2 == 0 else sy) / tiles.canvas for i, v in enumerate(xy)]
+    sx, sy = _axis_scales(photo_size, canvas)
+    return [v * (sx if i % 2 == 0 else sy) for i, v in enumerate(xy)]
 
 
-def canvas_to_photo(xy, tiles: Tiles) -> list[float]:
+def canvas_to_photo(xy, photo_size, canvas: int) -> list[float]:
     """Normalised canvas coordinates -> photo pixel coordinates (inverse of photo_to_canvas)."""
-    sx, sy = tiles.resized[0] / tiles.photo_size[0], tiles.resized[1] / tiles.photo_size[1]
-    return [v * tiles.canvas / (sx if i % 2 == 0 else sy) for i, v in enumerate(xy)]
+    sx, sy = _axis_scales(photo_size, canvas)
+    return [v / (sx if i % 2 == 0 else sy) for i, v in enumerate(xy)]
 
 
 def format_box(xy) -> str:

@@ -1,5 +1,7 @@
 """data.py: the tokenizer interface (conversations and batching come with issue 5)."""
+import numpy as np
 import pytest
+import torch
 
 from data import Tokenizer
 
@@ -59,3 +61,202 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.model: not a SentencePiece model"):
         Tokenizer(tmp_path / "bad.model")
+
+
+# ----------------------------------------------------------------------------- conversations and batches
+
+import json  # noqa: E402
+from collections import Counter  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+import data as D  # noqa: E402
+from tiling import ImageLayout, canvas_to_photo  # noqa: E402
+
+LAYOUT = ImageLayout(canvas=128, grid=2, tokens_per_view=17)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    src = D.SampleSource([{"path": "synthetic", "ratio": 1}], seed=7, canvas=128)
+    texts = [D.prompt_text(src.next().turns + [("x", None)]) for _ in range(500)]
+    return D.train_tokenizer(texts, 1024, tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def _target_spans(enc):
+    """Runs of consecutive target tokens, decoded."""
+    spans, cur = [], []
+    for t in enc.targets:
+        if t == D.IGNORE_INDEX:
+            if cur:
+                spans.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return spans + ([cur] if cur else [])
+
+
+def test_targets_decode_to_exactly_the_answers(bpe):
+    for i in range(40):
+        s = D.synthetic_sample(3, "train", i, 128)
+        enc = D.encode(s, bpe, 1024, LAYOUT)
+        spans = [bpe.decode(x) for x in _target_spans(enc)]
+        assert spans == [" " + a + "\n###" for _, a in s.turns]
+        assert enc.tokens[0] == bpe.bos_id and bpe.bos_id not in enc.tokens[1:]
+        assert len(enc) == len(enc.tokens) + (LAYOUT.block_len(enc.tiles.fully_padded) if s.has_image else 0)
+
+
+def test_known_conversation_layout(bpe):
+    s = D.Sample([("What is 2 + 3?", "5."), ("And 4 + 4?", "8.")])
+    enc = D.encode(s, bpe, 1024, LAYOUT)
+    text = bpe.decode(enc.tokens)
+    assert text == (D.SYSTEM + "\n\n### Human: What is 2 + 3?\n### Assistant: 5.\n### Human: And 4 + 4?"
+                    "\n### Assistant: 8.\n###")
+    # the target at position t is token t+1, and only inside answers
+    for t, tgt in enumerate(enc.targets):
+        assert tgt == D.IGNORE_INDEX or tgt == enc.tokens[t + 1]
+    assert enc.tiles is None and enc.image_tokens == 0
+
+
+def test_truncation_drops_trailing_turns_never_the_image(bpe):
+    img = Image.new("RGB", (200, 100), (50, 60, 70))
+    turns = [(f"Question number {i}?", f"Answer number {i}.") for i in range(6)]
+    s = D.Sample(turns, image=img, source="x.json:3")
+    full = D.encode(s, bpe, 4096, LAYOUT)
+    cut = D.encode(s, bpe, len(full) - 5, LAYOUT)
+    assert cut.image_tokens == full.image_tokens == 3 * 19 + 2
+    assert [bpe.decode(x) for x in _target_spans(cut)] == [f" Answer number {i}.\n###" for i in range(5)]
+    with pytest.raises(D.DataError, match=r"x.json:3: does not fit max_len 70 .*nothing left to learn"):
+        D.encode(s, bpe, 70, LAYOUT)
+
+
+def test_llava_json_jsonl_and_language_only(tmp_path, bpe):
+    Image.new("RGB", (64, 32), (1, 2, 3)).save(tmp_path / "a.png")
+    recs = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                 {"from": "gpt", "value": "A box [0.10, 0.20, 0.30, 0.40]."}]},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]
+    (tmp_path / "d.json").write_text(json.dumps(recs, indent=1))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    for name in ("d.json", "d.jsonl"):
+        samples = D.load_dataset(tmp_path / name)
+        assert samples[0].turns == [("What is it?", "A box [0.10, 0.20, 0.30, 0.40].")]
+        assert samples[0].image_path == str(tmp_path / "a.png") and not samples[1].has_image
+        enc = D.encode(samples[0], bpe, 512, LAYOUT)
+        assert enc.tiles.fully_padded == [False, False, False, True, True]
+
+
+BAD = {
+    "malformed": ('{"conversations": [}\n', r"bad.jsonl:2: malformed JSON"),
+    "no_answer": ('{"conversations": [{"from": "human", "value": "hi"}]}\n', r"bad.jsonl:2: record has no assistant turn"),
+    "missing_image": ('{"image": "nope.jpg", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}\n',
+                      r"bad.jsonl:2: image .*nope.jpg does not exist"),
+    "box_outside": ('{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "[0.1, 0.2, 1.3, 0.5]"}]}\n',
+                    r"bad.jsonl:2: box \[0.1, 0.2, 1.3, 0.5\] is outside \[0, 1\]"),
+}
+GOOD_LINE = '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}\n'
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_messages_and_skip_policy(case, tmp_path):
+    line, message = BAD[case]
+    (tmp_path / "bad.jsonl").write_text(GOOD_LINE + line + GOOD_LINE)
+    with pytest.raises(D.DataError, match=message):
+        D.load_dataset(tmp_path / "bad.jsonl")
+    skips = D.Skips("skip")
+    assert len(D.load_dataset(tmp_path / "bad.jsonl", skips=skips)) == 2
+    assert skips.report().startswith("skipped 1 bad samples") and "bad.jsonl:2" in skips.report()
+
+
+def test_unreadable_image_named_at_encode(tmp_path, bpe):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "broken.jpg", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}) + "\n")
+    s = D.load_dataset(tmp_path / "d.jsonl")[0]
+    with pytest.raises(D.DataError, match=r"d.jsonl:1: .*broken.jpg: not a readable image"):
+        D.encode(s, bpe, 512, LAYOUT)
+
+
+def test_mixture_ratios_hold(tmp_path):
+    for name, n in (("a", 5), ("b", 7)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"conversations": [
+            {"from": "human", "value": f"{name}{i}"}, {"from": "gpt", "value": "x"}]}) + "\n" for i in range(n)))
+    (tmp_path / "mix.json").write_text(json.dumps({"datasets": [
+        {"path": "a.jsonl", "ratio": 0.2}, {"path": "b.jsonl", "ratio": 0.5}, {"path": "synthetic", "ratio": 0.3}]}))
+    src = D.SampleSource(D.read_mixture(tmp_path / "mix.json"), seed=1, canvas=128)
+    counts = Counter()
+    for _ in range(10_000):
+        s = src.next()
+        counts["synthetic" if s.source.startswith("synthetic") else s.turns[0][0][0]] += 1
+    for key, p in (("a", 0.2), ("b", 0.5), ("synthetic", 0.3)):
+        sd = (p * (1 - p) / 10_000) ** 0.5
+        assert abs(counts[key] / 10_000 - p) < 4 * sd, counts
+    (tmp_path / "bad_mix.json").write_text('{"datasets": [{"path": "a.jsonl", "ratio": 0}]}')
+    with pytest.raises(D.DataError, match="bad_mix.json: expected"):
+        D.read_mixture(tmp_path / "bad_mix.json")
+
+
+def _ids(samples):
+    return [s.source + "|" + s.turns[0][0] for s in samples]
+
+
+def test_dp_shards_disjoint_complete_and_resume(bpe):
+    def batcher(rank, world):
+        return D.Batcher(D.SampleSource([{"path": "synthetic", "ratio": 1}], 5, 128), bpe, LAYOUT, 512,
+                         global_batch=8, rank=rank, world=world, window=3)
+    single = batcher(0, 1)
+    shards = [batcher(r, 2) for r in range(2)]
+    for _ in range(7):                                     # crosses window boundaries
+        whole = _ids(single.next_samples())
+        parts = [_ids(b.next_samples()) for b in shards]
+        assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(whole)
+    # resume: a new batcher from the saved state gives the same next batches, on any DP size
+    state = json.loads(json.dumps(single.state_dict()))
+    expected = [single.next() for _ in range(4)]
+    again = batcher(0, 1)
+    again.load_state_dict(state)
+    for e in expected:
+        got = again.next()
+        assert torch.equal(got["tokens"], e["tokens"]) and torch.equal(got["targets"], e["targets"])
+    ref = batcher(0, 1)
+    ref.load_state_dict(state)
+    halves = [batcher(r, 2) for r in range(2)]
+    for h in halves:
+        h.load_state_dict(state)
+    for _ in range(4):
+        whole = _ids(ref.next_samples())
+        parts = [_ids(h.next_samples()) for h in halves]
+        assert sorted(parts[0] + parts[1]) == sorted(whole)
+
+
+def test_synthetic_reproducible_boxes_on_objects_and_split_disjoint():
+    a = [D.synthetic_sample(11, "train", i, 128) for i in range(60)]
+    b = [D.synthetic_sample(11, "train", i, 128) for i in range(60)]
+    assert [s.turns for s in a] == [s.turns for s in b]
+    assert all(x.image is None and y.image is None or (np.asarray(x.image) == np.asarray(y.image)).all() for x, y in zip(a, b))
+    tasks = Counter(s.task for s in a)
+    assert set(tasks) == set(D.TASKS)
+    for s in a:
+        for o in s.truth.get("objects", []):
+            x0, y0, x1, y1 = o["box"]
+            px = np.asarray(s.image, np.int32)
+            cx, cy = (x0 + x1) // 2, (y0 + y1 - 1) // 2 + (y1 - y0) // 4 if o["shape"] == "triangle" else (y0 + y1) // 2
+            assert np.abs(px[cy, cx] - np.array(D.COLORS[o["color"]])).max() < 3     # the box's centre is the shape
+        if s.task == "grounding":
+            (box,) = D.parse_boxes(s.turns[0][1])
+            o = next(o for o in s.truth["objects"] if f"the {o['color']} {o['shape']}" in s.turns[0][0])
+            back = canvas_to_photo(box, s.image.size, 128)
+            assert max(abs(u - v) for u, v in zip(back, o["box"])) <= 0.005 * 128 * max(s.image.size) / 128 + 1
+    train_keys = {json.dumps(s.turns) + str(s.truth) for s in (D.synthetic_sample(11, "train", i, 128) for i in range(1500))}
+    eval_keys = {json.dumps(s.turns) + str(s.truth) for s in D.eval_samples(11, 300, 128)}
+    assert not train_keys & eval_keys
+
+
+def test_scoring_helpers():
+    assert D.parse_boxes("a [0.1, 0.2, 0.3, 0.4] b [0.5, 0.6]") == [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6]]
+    assert D.box_iou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0 and D.box_iou([0, 0, 1, 1], [0.5, 0, 1.5, 1]) == pytest.approx(1 / 3)
+    ref = "red circle [0.10, 0.10, 0.50, 0.50], blue square [0.60, 0.60, 0.90, 0.90]"
+    assert D.score("detection", "red circle [0.12, 0.11, 0.5, 0.52], blue square [0.6, 0.6, 0.9, 0.9]", ref) == 1.0
+    assert D.score("detection", "red circle [0.12, 0.11, 0.5, 0.52]", ref) == 0.0
+    assert D.score("detection", "green circle [0.12, 0.11, 0.5, 0.52], blue square [0.6, 0.6, 0.9, 0.9]", ref) == 0.0
+    assert D.score("grounding", "[0.40, 0.40, 0.80, 0.80]", "[0.1, 0.1, 0.5, 0.5]") == 0.0
+    assert D.score("vqa", " red. ", "Red.") == 1.0 and D.score("vqa", "Blue.", "Red.") == 0.0

@@ -73,17 +73,17 @@ def test_boxes_round_trip_within_a_pixel():
         for _ in range(50):
             x1, x2 = sorted(rng.uniform(0, w) for _ in range(2))
             y1, y2 = sorted(rng.uniform(0, h) for _ in range(2))
-            norm = T.photo_to_canvas([x1, y1, x2, y2], t)
+            norm = T.photo_to_canvas([x1, y1, x2, y2], img.size, 448)
             assert all(0 <= v <= max(t.resized) / 448 + 1e-9 for v in norm)
-            back = T.canvas_to_photo(norm, t)
+            back = T.canvas_to_photo(norm, img.size, 448)
             assert max(abs(a - b) for a, b in zip(back, [x1, y1, x2, y2])) < 1.0
             # Through the 2-decimal text format: at most half a hundredth of the canvas.
             text = T.format_box(norm)
             parsed = [float(v) for v in text.strip("[]").split(",")]
-            back = T.canvas_to_photo(parsed, t)
+            back = T.canvas_to_photo(parsed, img.size, 448)
             tol = 0.005 * 448 * max(w / t.resized[0], h / t.resized[1]) + 1e-6
             assert max(abs(a - b) for a, b in zip(back, [x1, y1, x2, y2])) <= tol
-        full = T.photo_to_canvas([0, 0, w, h], t)
+        full = T.photo_to_canvas([0, 0, w, h], img.size, 448)
         assert full == pytest.approx([0, 0, t.resized[0] / 448, t.resized[1] / 448])
 
 
