@@ -504,13 +504,19 @@ class Batcher:
         return batch[self.rank::self.world]
 
     def next(self) -> dict:
+        """This rank's share of the next global batch, encoded and collated."""
+        return self.next_micro(1)[0]
+
+    def next_micro(self, n_micro: int) -> list[dict]:
+        """The same, split into n_micro micro-batches for gradient accumulation."""
         encoded = []
         for s in self.next_samples():
             try:
                 encoded.append(encode(s, self.tok, self.max_len, self.layout))
             except DataError as e:
                 self.source.skips.handle(e)
-        return collate(encoded, self.tok)
+        per = max(1, -(-len(encoded) // n_micro))
+        return [collate(encoded[i:i + per], self.tok) for i in range(0, len(encoded), per)]
 
     def state_dict(self) -> dict:
         return {"source": self.window_state, "consumed": self.consumed}

@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_safetensors, load_state_strict,
                         map_name, read_safetensors_metadata, safetensors_files, save_safetensors_atomic,
                         unique_state_dict)
 from moe import MoEFeedForward
+from parallel import copy_to_tp, cross_entropy_sum, reduce_from_tp, vocab_parallel_embedding
 from tiling import ImageLayout, Tiles
 from vision import CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, ViTConfig
 
@@ -178,6 +180,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm block. Under TP, attention and FFN return partial sums: f before, g after (Megatron)."""
+
     def __init__(self, cfg: ModelConfig, tp_size: int = 1):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -188,21 +192,28 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim // tp_size)
 
-    def forward(self, x, cos, sin, start_pos=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def forward(self, x, cos, sin, start_pos=0, tp_group=None):
+        h = self.attention(copy_to_tp(self.attention_norm(x), tp_group), cos, sin, start_pos)
+        x = x + reduce_from_tp(h, tp_group)
+        return x + reduce_from_tp(self.feed_forward(copy_to_tp(self.ffn_norm(x), tp_group)), tp_group)
 
 
 class Transformer(nn.Module):
     """Pre-norm LLaMA decoder. Input is token ids or embeddings (images enter as embeddings)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group=None):
         super().__init__()
-        self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.cfg, self.tp_group = cfg, tp_group
+        tp = 1 if tp_group is None else tp_group.size()
+        if cfg.vocab_size % tp or cfg.n_heads % tp or cfg.ffn_dim % tp or cfg.n_kv_heads % tp:
+            raise ValueError(f"TP {tp} must divide vocab {cfg.vocab_size}, heads {cfg.n_heads}, "
+                             f"kv heads {cfg.n_kv_heads} and ffn {cfg.ffn_dim}")
+        # Under TP: vocab rows, heads and FFN hidden units are split over the ranks.
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size // tp, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, tp) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size // tp, bias=False)
+        self.activation_checkpointing = False
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
@@ -229,27 +240,37 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
+    def embed_tokens(self, tokens):
+        return vocab_parallel_embedding(tokens, self.tok_embeddings.weight, self.tp_group)
+
     def forward(self, tokens=None, *, embeds=None, targets=None, start_pos: int = 0,
-                last_only: bool = False):
+                last_only: bool = False, loss_sum: bool = False):
         """tokens (B, T) or embeds (B, T, dim). targets (B, T): the next token at each
-        position, IGNORE_INDEX where no loss is wanted. Returns (logits, loss)."""
+        position, IGNORE_INDEX where no loss is wanted. Returns (logits, loss): the mean loss over
+        targets, or their sum if loss_sum. Under TP the logits are this rank's vocab shard."""
         if (tokens is None) == (embeds is None):
             raise ValueError("pass exactly one of tokens or embeds")
-        h = self.tok_embeddings(tokens) if embeds is None else embeds
+        h = self.embed_tokens(tokens) if embeds is None else embeds
         T = h.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len {self.cfg.max_seq_len}")
         positions = torch.arange(start_pos, start_pos + T, device=h.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
+            if self.activation_checkpointing and self.training:
+                # Recompute each block in backward: activation memory of one block instead of all.
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, start_pos, self.tp_group, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, start_pos, self.tp_group)
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
-        logits = self.output(h)
+        logits = self.output(copy_to_tp(h, self.tp_group))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            loss = cross_entropy_sum(logits.flatten(0, 1), targets.flatten(), IGNORE_INDEX, self.tp_group)
+            if not loss_sum:
+                loss = loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
         return logits, loss
 
 
@@ -423,7 +444,7 @@ class Sphinx(nn.Module):
     skip token for a fully padded sub-image, which is never encoded (paper Sec. 3.1).
     """
 
-    def __init__(self, cfg: SphinxConfig):
+    def __init__(self, cfg: SphinxConfig, tp_group=None):
         super().__init__()
         self.cfg = cfg
         d = cfg.llm.dim
@@ -431,7 +452,7 @@ class Sphinx(nn.Module):
         self.begin_of_image = nn.Parameter(torch.zeros(d))
         self.end_of_image = nn.Parameter(torch.zeros(d))
         self.skip_token = nn.Parameter(torch.zeros(d))
-        self.llm = Transformer(cfg.llm)
+        self.llm = Transformer(cfg.llm, tp_group)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):
@@ -483,7 +504,7 @@ class Sphinx(nn.Module):
     def embed(self, tokens, images=None, targets=None):
         """tokens (B, T): right-padded text starting with BOS. The image block goes right after BOS;
         its positions get IGNORE_INDEX targets. Returns embeds (B, T', d) and targets (B, T')."""
-        text = self.llm.tok_embeddings(tokens)
+        text = self.llm.embed_tokens(tokens)
         if images is None or all(t is None for t in images):
             return text, targets
         blocks = self.image_blocks(images)
@@ -501,14 +522,15 @@ class Sphinx(nn.Module):
             targets = torch.stack([F.pad(t, (0, T - len(t)), value=IGNORE_INDEX) for t in tgts])
         return embeds, targets
 
-    def forward(self, tokens, images=None, targets=None, start_pos: int = 0, last_only: bool = False):
+    def forward(self, tokens, images=None, targets=None, start_pos: int = 0, last_only: bool = False,
+                loss_sum: bool = False):
         embeds, targets = self.embed(tokens, images, targets)
-        return self.llm(embeds=embeds, targets=targets, start_pos=start_pos, last_only=last_only)
+        return self.llm(embeds=embeds, targets=targets, start_pos=start_pos, last_only=last_only, loss_sum=loss_sum)
 
 
-def build_sphinx(cfg: SphinxConfig, device="cpu", dtype=torch.float32, init: bool = True) -> Sphinx:
+def build_sphinx(cfg: SphinxConfig, device="cpu", dtype=torch.float32, init: bool = True, tp_group=None) -> Sphinx:
     with torch.device("meta"):
-        model = Sphinx(cfg)
+        model = Sphinx(cfg, tp_group)
     if init:
         model.to_empty(device=device).to(dtype)
         if cfg.llm.tie_embeddings:
@@ -549,3 +571,52 @@ def load_sphinx(path, device="cpu", dtype=torch.float32, **overrides) -> Sphinx:
     load_state_strict(model, iter_safetensors([path]), dtype=dtype, device=device, where=str(path))
     model.mov.freeze_encoders()
     return model
+
+
+# ----------------------------------------------------------------------------- generation
+
+@torch.no_grad()
+def generate(model: Sphinx, tokens: list[int], tiles: Tiles | None, max_new_tokens: int, stop_ids=(),
+             stop_text=None, decode=None, temperature: float = 0.0, top_p: float = 1.0, generator=None):
+    """Prefill [BOS][image block][prompt] once, then decode one token at a time with the KV cache.
+    Yields token ids as they are produced. Stops on a stop id, or when the decoded text ends with
+    stop_text (the template's "\n###"). Under TP every rank runs this and gets the same tokens."""
+    from parallel import gather_vocab
+    llm = model.llm
+    x = torch.tensor([tokens], device=model.skip_token.device)
+    embeds, _ = model.embed(x, [tiles] if tiles is not None else None)
+    total = embeds.shape[1] + max_new_tokens
+    if total > llm.cfg.max_seq_len:
+        raise ValueError(f"prompt of {embeds.shape[1]} positions + {max_new_tokens} new tokens exceeds "
+                         f"max_seq_len {llm.cfg.max_seq_len}")
+    was_training = model.training
+    model.eval()
+    llm.setup_cache(1, total)
+    try:
+        logits, _ = llm(embeds=embeds, last_only=True)
+        pos, out = embeds.shape[1], []
+        for _ in range(max_new_tokens):
+            logits = gather_vocab(logits[0, -1].float(), llm.tp_group)
+            nxt = sample_token(logits, temperature, top_p, generator)
+            if nxt in stop_ids:
+                return
+            out.append(nxt)
+            yield nxt
+            if stop_text and decode and decode(out).endswith(stop_text):
+                return
+            logits, _ = llm(torch.tensor([[nxt]], device=x.device), start_pos=pos)
+            pos += 1
+    finally:
+        llm.clear_cache()
+        model.train(was_training)
+
+
+def sample_token(logits, temperature: float, top_p: float, generator=None) -> int:
+    """Greedy at temperature 0; else nucleus sampling (the reference demo: T=0.1, top-p 0.75)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, -1)
+    sorted_p, idx = probs.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p < top_p           # the smallest set whose mass reaches top_p
+    sorted_p = sorted_p * keep
+    return int(idx[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)])

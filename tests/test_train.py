@@ -1,0 +1,168 @@
+"""train.py with several gloo processes on the CPU: ZeRO-2 and TP against one process, resume, checkpoints."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import data as D
+import train as T
+
+COMMON = ["--size", "tiny", "--batch", "4", "--micro-batch", "2", "--max-len", "320", "--eval-samples", "0",
+          "--log-every", "1", "--lr", "2e-3", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    D.train_tokenizer(T.tokenizer_corpus(0, 128, n=300), 2048, path)
+    return str(path)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, argv, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    res = T.train(T.parse_args(argv))
+    info = {"losses": res["losses"], "state_bytes": res["opt"].state_bytes(), "rank": rank}
+    with open(f"{result_path}.{rank}", "w") as f:
+        json.dump(info, f)
+    torch.distributed.destroy_process_group()
+
+
+def run(world, argv, tmp_path, name):
+    """Run train() on `world` processes; returns per-rank results and the consolidated final weights."""
+    out = tmp_path / name
+    argv = argv + ["--out", str(out)]
+    result = tmp_path / f"{name}.json"
+    if world == 1:
+        res = T.train(T.parse_args(argv))
+        infos = [{"losses": res["losses"], "state_bytes": res["opt"].state_bytes()}]
+    else:
+        mp.start_processes(_worker, args=(world, _free_port(), argv, str(result)), nprocs=world, start_method="spawn")
+        infos = [json.loads(open(f"{result}.{r}").read()) for r in range(world)]
+    return infos, load_file(str(out / "model.safetensors"))
+
+
+def _assert_same(a, b, tol=1e-5):
+    (ia, wa), (ib, wb) = a, b
+    la, lb = torch.tensor(ia[0]["losses"]), torch.tensor(ib[0]["losses"])
+    torch.testing.assert_close(lb, la, rtol=tol, atol=0)
+    assert wa.keys() == wb.keys()
+    # Adam divides by sqrt(v): where a gradient element is ~0, summation-order noise (1e-7 relative)
+    # can move that element by a fraction of lr. So: every element within 0.1 lr, and all but a
+    # handful within 1e-5 (lr = 2e-3).
+    off = 0
+    for k in wa:
+        d = (wb[k] - wa[k]).abs()
+        assert d.max() <= 2e-4, (k, d.max())
+        off += int((d > 1e-5).sum())
+    assert off <= 1e-4 * sum(v.numel() for v in wa.values()), off
+
+
+@pytest.fixture(scope="module")
+def single(tokenizer, tmp_path_factory):
+    return run(1, COMMON + ["--steps", "3", "--tokenizer", tokenizer], tmp_path_factory.mktemp("single"), "s")
+
+
+def test_dp2_zero2_matches_one_process(single, tokenizer, tmp_path):
+    dp2 = run(2, COMMON + ["--steps", "3", "--tokenizer", tokenizer], tmp_path, "dp2")
+    _assert_same(single, dp2)
+    assert dp2[0][0]["losses"][0] > dp2[0][0]["losses"][-1] > 0
+    # ZeRO-2: each DP rank holds half of the gradient + optimizer state, up to one bucket's padding
+    full, half = single[0][0]["state_bytes"], dp2[0][0]["state_bytes"]
+    assert abs(half - full / 2) <= 4 * 4 * 2, (full, half)
+
+
+def test_tp2_matches_one_process(single, tokenizer, tmp_path):
+    _assert_same(single, run(2, COMMON + ["--steps", "3", "--tp", "2", "--tokenizer", tokenizer], tmp_path, "tp2"))
+
+
+def test_dp2_tp2_four_processes_match(single, tokenizer, tmp_path):
+    _assert_same(single, run(4, COMMON + ["--steps", "3", "--tp", "2", "--tokenizer", tokenizer], tmp_path, "dp2tp2"))
+
+
+def test_tiny_moe_tp2_matches_one_process(tokenizer, tmp_path):
+    argv = COMMON + ["--steps", "2", "--tokenizer", tokenizer]
+    argv[1] = "tiny-moe"
+    _assert_same(run(1, argv, tmp_path, "moe1"), run(2, argv + ["--tp", "2"], tmp_path, "moe_tp2"))
+
+
+def test_kill_and_resume_equals_uninterrupted(tokenizer, tmp_path):
+    argv = COMMON + ["--steps", "4", "--ckpt-every", "2", "--tokenizer", tokenizer]
+    full = run(1, argv, tmp_path, "full")
+    out = tmp_path / "killed"
+    T.train(T.parse_args(argv + ["--out", str(out), "--stop-after", "2"]))      # "killed" after the step-2 checkpoint
+    assert (out / "latest").read_text() == "step-000002"
+    resumed = run(1, argv + ["--resume"], tmp_path, "killed")
+    _assert_same(full, resumed, tol=0)
+    # the same checkpoint resumed on two data-parallel ranks continues with the same losses
+    out2 = tmp_path / "killed2"
+    T.train(T.parse_args(argv + ["--out", str(out2), "--stop-after", "2"]))
+    _assert_same(full, run(2, argv + ["--resume"], tmp_path, "killed2"))
+
+
+def test_corrupt_checkpoint_fails_clearly_and_crash_keeps_previous(tokenizer, tmp_path, monkeypatch):
+    argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(tmp_path / "c")]
+    T.train(T.parse_args(argv))
+    ckpt = tmp_path / "c" / (tmp_path / "c" / "latest").read_text()
+    shard_file = ckpt / "optim-tp0-dp0.pt"
+    shard_file.write_bytes(shard_file.read_bytes()[:100])
+    with pytest.raises(T.CheckpointError, match=r"optim-tp0-dp0.pt: unreadable optimizer shard"):
+        T.train(T.parse_args(argv[:-2] + ["--out", str(tmp_path / "c"), "--steps", "3", "--resume"]))
+    # A crash in the middle of writing the next checkpoint leaves `latest` on the previous one.
+    out = tmp_path / "d"
+    T.train(T.parse_args(argv[:-2] + ["--out", str(out), "--steps", "1"]))
+    before = (out / "latest").read_text()
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(T.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(T.parse_args(argv[:-2] + ["--out", str(out), "--steps", "2", "--resume"]))
+    monkeypatch.undo()
+    assert (out / "latest").read_text() == before
+    res = T.train(T.parse_args(argv[:-2] + ["--out", str(out), "--steps", "2", "--resume"]))
+    assert len(res["losses"]) == 2
+
+
+def test_zero2_adamw_matches_torch_adamw():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    mesh = T.Mesh(0, 1, 0, 1, 0, 1)
+    opt = T.ZeRO2([("a.weight", params[0]), ("b", params[1])], mesh, lr=1e-2, bucket_numel=16)
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    assert len(opt.buckets) == 1 + 1
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, r, g in zip(params, ref, grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.reduce_gradients()
+        opt.step(1e-2, clip=0)
+        torch_opt.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), atol=1e-6, rtol=0)
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    lrs = [T.lr_at(s, 200, 1.0, 0.01) for s in range(200)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and max(lrs) == 1.0
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 1e-3
+
+
+def test_unknown_size_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--size", "huge"])
+    assert "unknown size 'huge'" in capsys.readouterr().err

@@ -1,0 +1,556 @@
+"""One-stage training of SPHINX-X: torchrun, DP x TP mesh, hand-written ZeRO-2, checkpoints, resume.
+
+    torchrun --nproc_per_node 1 train.py --size tiny        # or: python train.py --size tiny
+    torchrun --nproc_per_node 4 train.py --size tiny --tp 2  # 2 (DP) x 2 (TP)
+
+Read top to bottom: arguments and the paper's recipe, the process mesh, ZeRO-2 (flat buckets,
+reduce-scatter, sharded AdamW, all-gather), checkpoints, evaluation, the loop. Every collective
+is a visible dist.* call here or in parallel.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data as D
+import model as M
+from checkpoint import CheckpointError, iter_safetensors, load_state_strict, read_safetensors_metadata
+from moe import moe_layers, total_aux_loss, track_usage, usage_report
+from parallel import shard, split_dim, unshard
+from tiling import tile
+
+# Paper recipe (Sec. 4.1): AdamW (0.9, 0.95), wd 0, lr 2e-5 (5e-6 MoE), 1% linear warm-up, cosine to 0,
+# effective batch 256. The CPU sizes keep the schedule with a learning rate that suits a tiny model.
+RECIPES = {
+    "tiny": dict(lr=2e-3, batch=16, micro_batch=8, steps=240, max_len=320, warmup=0.04),
+    "tiny-moe": dict(lr=2e-3, batch=16, micro_batch=8, steps=240, max_len=320, warmup=0.04),
+    "paper": dict(lr=2e-5, batch=256, micro_batch=4, steps=0, max_len=3072, warmup=0.01),
+    "paper-moe": dict(lr=5e-6, batch=256, micro_batch=4, steps=0, max_len=3072, warmup=0.01),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="tiny", help=f"one of {', '.join(M.SIZES)}")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (the rest are data-parallel)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a mixture JSON file")
+    p.add_argument("--out", default=None, help="run directory (default out/<size>)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="effective (global) batch in samples")
+    p.add_argument("--micro-batch", type=int, default=None, help="samples per rank per forward")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--max-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (the paper sizes); CPU sizes train one")
+    p.add_argument("--init", default=None, help="a sphinx-x checkpoint to start from")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-samples", type=int, default=140, help="held-out samples evaluated at the end")
+    p.add_argument("--aux-weight", type=float, default=0.01, help="MoE load-balancing loss weight")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--bucket-mb", type=float, default=32.0, help="ZeRO-2 bucket size")
+    p.add_argument("--bad-input", choices=("error", "skip"), default="error")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured on CPU)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (as if killed) after this many steps")
+    args = p.parse_args(argv)
+    if args.size not in M.SIZES:
+        p.error(f"unknown size {args.size!r}; known: {', '.join(M.SIZES)}")
+    recipe = RECIPES.get(args.size) or RECIPES["paper-moe" if "moe" in args.size else "paper"]
+    for k, v in recipe.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.out = Path(args.out or f"out/{args.size}")
+    return args
+
+
+# ----------------------------------------------------------------------------- process mesh
+
+@dataclass
+class Mesh:
+    rank: int
+    world: int
+    dp_rank: int
+    dp: int
+    tp_rank: int
+    tp: int
+    dp_group: object = None      # ranks holding the same TP shard (None when dp == 1)
+    tp_group: object = None      # ranks sharing one model replica (None when tp == 1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_mesh(tp: int) -> Mesh:
+    """world = dp x tp; TP ranks are adjacent (rank = dp_rank * tp + tp_rank), as in Megatron."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world % tp:
+        raise SystemExit(f"--tp {tp} does not divide the {world} processes")
+    dp_group = tp_group = None
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        for d in range(world // tp):                  # every rank creates every group, in the same order
+            g = dist.new_group(list(range(d * tp, (d + 1) * tp)))
+            if d == rank // tp and tp > 1:
+                tp_group = g
+        for t in range(tp):
+            g = dist.new_group(list(range(t, world, tp)))
+            if t == rank % tp and world // tp > 1:
+                dp_group = g
+    return Mesh(rank, world, rank // tp, world // tp, rank % tp, tp, dp_group, tp_group)
+
+
+def all_reduce(t, group, op=None):
+    if group is not None:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def world_group(mesh):
+    return dist.group.WORLD if mesh.world > 1 else None
+
+
+# ----------------------------------------------------------------------------- ZeRO-2
+
+class ZeRO2:
+    """Trainable parameters live in flat buckets; each DP rank owns 1/dp of every bucket.
+
+    After each micro-batch backward, gradients are reduce-scattered into this rank's fp32 gradient
+    shard and the full gradients are freed. The step clips by the global norm (across DP and TP),
+    runs AdamW on the fp32 master shard, and all-gathers the updated shards back into the buckets,
+    which the parameters are views of. Frozen parameters (the encoders) are never seen here.
+    """
+
+    def __init__(self, named_params, mesh: Mesh, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                 bucket_numel=8 << 20):
+        self.mesh, self.lr, self.betas, self.eps, self.wd = mesh, lr, betas, eps, weight_decay
+        self.step_count = 0
+        self.buckets = []
+        cur, n = [], 0
+        for name, p in named_params:
+            if cur and n + p.numel() > bucket_numel:
+                self.buckets.append(cur)
+                cur, n = [], 0
+            cur.append((name, p))
+            n += p.numel()
+        if cur:
+            self.buckets.append(cur)
+        dp, r = mesh.dp, mesh.dp_rank
+        self.flat, self.master, self.m, self.v, self.grad, self.norm_w, self.sizes = [], [], [], [], [], [], []
+        for bucket in self.buckets:
+            numel = sum(p.numel() for _, p in bucket)
+            padded = math.ceil(numel / dp) * dp
+            flat = torch.zeros(padded, dtype=bucket[0][1].dtype, device=bucket[0][1].device)
+            w = torch.zeros(padded)
+            off = 0
+            for name, p in bucket:
+                flat[off:off + p.numel()].copy_(p.detach().flatten())
+                p.data = flat[off:off + p.numel()].view_as(p)
+                # Replicated parameters count once in the global norm (on TP rank 0); TP shards everywhere.
+                w[off:off + p.numel()] = 1.0 if (split_dim(name) is not None or mesh.tp_rank == 0) else 0.0
+                off += p.numel()
+            S = padded // dp
+            own = slice(r * S, (r + 1) * S)
+            self.flat.append(flat)
+            self.sizes.append(numel)
+            self.master.append(flat[own].float().clone())
+            self.m.append(torch.zeros(S, device=flat.device))
+            self.v.append(torch.zeros(S, device=flat.device))
+            self.grad.append(torch.zeros(S, device=flat.device))
+            self.norm_w.append(w[own].to(flat.device))
+
+    def shard_slice(self, i):
+        S = self.flat[i].numel() // self.mesh.dp
+        return slice(self.mesh.dp_rank * S, (self.mesh.dp_rank + 1) * S)
+
+    def reduce_gradients(self):
+        """Sum this micro-batch's gradients over DP into the local shard; free the full gradients."""
+        for i, bucket in enumerate(self.buckets):
+            full = torch.zeros_like(self.flat[i], dtype=torch.float32)
+            off = 0
+            for _, p in bucket:
+                if p.grad is not None:
+                    full[off:off + p.numel()] = p.grad.flatten()
+                    p.grad = None
+                off += p.numel()
+            if self.mesh.dp_group is None:
+                self.grad[i] += full
+            else:
+                part = torch.empty_like(self.grad[i])
+                dist.reduce_scatter_tensor(part, full, group=self.mesh.dp_group)
+                self.grad[i] += part
+
+    @torch.no_grad()
+    def step(self, lr, clip):
+        sumsq = torch.zeros((), dtype=torch.float64)
+        for g, w in zip(self.grad, self.norm_w):
+            sumsq += (w * g.double() ** 2).sum().cpu()
+        norm = all_reduce(sumsq, world_group(self.mesh)).sqrt().item()
+        scale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        self.step_count += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.step_count, 1 - b2 ** self.step_count
+        for i in range(len(self.buckets)):
+            g = self.grad[i] * scale
+            self.m[i].mul_(b1).add_(g, alpha=1 - b1)
+            self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+            if self.wd:
+                self.master[i].mul_(1 - lr * self.wd)
+            self.master[i].addcdiv_(self.m[i] / c1, (self.v[i] / c2).sqrt_().add_(self.eps), value=-lr)
+            self.grad[i].zero_()
+            own = self.shard_slice(i)
+            self.flat[i][own] = self.master[i].to(self.flat[i].dtype)
+            if self.mesh.dp_group is not None:
+                shard_copy = self.flat[i][own].clone()
+                dist.all_gather_into_tensor(self.flat[i], shard_copy, group=self.mesh.dp_group)
+        return norm
+
+    def state_bytes(self) -> int:
+        """Per-rank bytes of gradient shard + fp32 master + AdamW moments."""
+        return sum(4 * (g.numel() + ms.numel() + m.numel() + v.numel())
+                   for g, ms, m, v in zip(self.grad, self.master, self.m, self.v))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "dp": self.mesh.dp, "sizes": self.sizes,
+                "names": [[n for n, _ in b] for b in self.buckets],
+                "master": self.master, "m": self.m, "v": self.v}
+
+    def load_shards(self, shards: list[dict]):
+        """Load the shards of all old DP ranks (same TP rank), whatever the old DP size was."""
+        if [[n for n, _ in b] for b in self.buckets] != shards[0]["names"] or shards[0]["sizes"] != self.sizes:
+            raise CheckpointError("optimizer state does not match the model's trainable parameters")
+        self.step_count = shards[0]["step"]
+        for key, dst in (("master", self.master), ("m", self.m), ("v", self.v)):
+            for i in range(len(self.buckets)):
+                full = torch.cat([s[key][i] for s in shards])[: self.sizes[i]]
+                full = torch.nn.functional.pad(full, (0, self.flat[i].numel() - self.sizes[i]))
+                dst[i].copy_(full[self.shard_slice(i)])
+        for i in range(len(self.buckets)):
+            self.flat[i][self.shard_slice(i)] = self.master[i].to(self.flat[i].dtype)
+            if self.mesh.dp_group is not None:
+                shard_copy = self.flat[i][self.shard_slice(i)].clone()
+                dist.all_gather_into_tensor(self.flat[i], shard_copy, group=self.mesh.dp_group)
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
+    """Linear warm-up over the first warmup_frac of the steps, then cosine to 0 (paper Sec. 4.1)."""
+    warm = max(1, round(warmup_frac * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+# ----------------------------------------------------------------------------- model and tokenizer
+
+def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphinx:
+    """Every rank builds the same full model from the seed (or a checkpoint), then keeps its TP shard."""
+    torch.manual_seed(args.seed)
+    if init_path:
+        full = M.load_sphinx(init_path)
+        state = full.state_dict()
+    else:
+        full = M.build_sphinx(cfg)
+        state = full.state_dict()
+    if mesh.tp == 1:
+        model = full
+    else:
+        model = M.build_sphinx(cfg, init=False, tp_group=mesh.tp_group)
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        load_state_strict(model, ((n, shard(n, t, mesh.tp_rank, mesh.tp)) for n, t in state.items() if n not in tied))
+        model.mov.freeze_encoders()
+    model.llm.activation_checkpointing = args.activation_checkpointing
+    return model.train()
+
+
+def tokenizer_corpus(seed: int, canvas: int, n: int = 4000):
+    src = D.SampleSource([{"path": "synthetic", "ratio": 1}], seed, canvas)
+    return [D.prompt_text(src.next().turns + [("", None)]) for _ in range(n)]
+
+
+def get_tokenizer(args, mesh, cfg) -> D.Tokenizer:
+    """The paper sizes take their LLM's tokenizer; CPU sizes train a byte-level BPE on the synthetic
+    corpus (rank 0 trains it into the run directory, the others read it)."""
+    if args.tokenizer:
+        return D.Tokenizer(args.tokenizer)
+    path = args.out / "tokenizer.json"
+    if not path.exists():
+        if not args.size.startswith("tiny"):
+            raise SystemExit(f"--size {args.size} needs --tokenizer (its LLM's tokenizer.model or tokenizer.json)")
+        if mesh.is_main:
+            D.train_tokenizer(tokenizer_corpus(args.seed, cfg.canvas), cfg.llm.vocab_size, path)
+        barrier(mesh)
+    tok = D.Tokenizer(path)
+    if tok.vocab_size > cfg.llm.vocab_size:
+        raise SystemExit(f"tokenizer has {tok.vocab_size} tokens but the model only {cfg.llm.vocab_size}")
+    return tok
+
+
+def barrier(mesh):
+    if mesh.world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def consolidated_state(model, mesh) -> dict:
+    """Full weights with TP shards merged (every rank takes part in the all-gathers)."""
+    return {n: unshard(n, t, mesh.tp_group) for n, t in M.unique_state_dict(model).items()}
+
+
+def save_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher, step: int, losses):
+    """Everything goes into a fresh directory that is renamed into place only when complete, and
+    `latest` is replaced atomically: a crash mid-save leaves the previous checkpoint as it was."""
+    final = args.out / f"step-{step:06d}"
+    tmp = args.out / f".tmp-step-{step:06d}"
+    if mesh.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(mesh)
+    state = consolidated_state(model, mesh)
+    if mesh.is_main:
+        M.save_sphinx(tmp / "model.safetensors", model_with_state(model, state))
+    torch.save(opt.state_dict(), tmp / f"optim-tp{mesh.tp_rank}-dp{mesh.dp_rank}.pt")     # every rank its shard
+    if mesh.is_main:
+        meta = {"step": step, "size": args.size, "dp": mesh.dp, "tp": mesh.tp, "data": batcher.state_dict(),
+                "losses": losses, "rng": torch.get_rng_state().tolist()}
+        (tmp / "state.json").write_text(json.dumps(meta))
+    barrier(mesh)
+    if mesh.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write(args.out / "latest", final.name)
+        shutil.copyfile(final / "model.safetensors", args.out / ".model.safetensors.tmp")
+        os.replace(args.out / ".model.safetensors.tmp", args.out / "model.safetensors")   # what sample.py loads
+        for old in sorted(args.out.glob("step-*"))[:-2]:                                  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(mesh)
+
+
+def model_with_state(model, state):
+    """A full (un-sharded) Sphinx holding `state`, for saving."""
+    if model.llm.tp_group is None:
+        return model
+    full = M.build_sphinx(model.cfg, init=False)
+    return load_state_strict(full, state.items())
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
+    latest = args.out / "latest"
+    if not latest.exists():
+        raise CheckpointError(f"{args.out}: no checkpoint to resume from (no 'latest' file)")
+    ckpt = args.out / latest.read_text().strip()
+    try:
+        meta = json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'}: unreadable ({e})") from None
+    path = ckpt / "model.safetensors"
+    if read_safetensors_metadata(path).get("format") != "sphinx-x":
+        raise CheckpointError(f"{path}: not a sphinx-x checkpoint")
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        loaded = set()
+        for n, t in iter_safetensors([path]):
+            t = shard(n, t, mesh.tp_rank, mesh.tp)
+            if n in own:
+                if own[n].shape != t.shape:
+                    raise CheckpointError(f"{path}: {n} has shape {tuple(t.shape)}, the model {tuple(own[n].shape)}")
+                own[n].copy_(t)
+                loaded.add(n)
+        if loaded != set(own):
+            raise CheckpointError(f"{path}: missing {sorted(set(own) - loaded)[:10]}")
+    shards = []
+    for d in range(meta["dp"]):
+        f = ckpt / f"optim-tp{mesh.tp_rank}-dp{d}.pt"
+        try:
+            shards.append(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:   # a truncated or missing file: torch raises many error types
+            raise CheckpointError(f"{f}: unreadable optimizer shard ({type(e).__name__}: {e})") from None
+    if meta["tp"] != mesh.tp:
+        raise CheckpointError(f"{ckpt}: saved with TP {meta['tp']}, resuming needs the same TP (got {mesh.tp})")
+    opt.load_shards(shards)
+    batcher.load_state_dict(meta["data"])
+    torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+    return meta["step"], meta["losses"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(model, tok, mesh, samples, max_new_tokens=48) -> dict:
+    """Greedy answers for held-out samples (split over DP ranks); per-task accuracy, box tasks by IoU@0.5."""
+    totals = {t: [0.0, 0.0] for t in D.TASKS}
+    layout = model.layout
+    for i, s in enumerate(samples):
+        if i % mesh.dp != mesh.dp_rank:
+            continue
+        turns = s.turns[:-1] + [(s.turns[-1][0], None)]
+        enc_tokens = [tok.bos_id] + tok.encode(D.prompt_text(turns))
+        tiles = tile(s.image, layout.canvas, layout.grid) if s.image is not None else None
+        ids = list(M.generate(model, enc_tokens, tiles, max_new_tokens, stop_ids=(tok.eos_id,),
+                              stop_text="\n" + D.SEP, decode=tok.decode))
+        answer = tok.decode(ids).removesuffix("\n" + D.SEP).strip()
+        totals[s.task][0] += D.score(s.task, answer, s.turns[-1][1])
+        totals[s.task][1] += 1
+    flat = torch.tensor([v for t in D.TASKS for v in totals[t]], dtype=torch.float64)
+    all_reduce(flat, mesh.dp_group)
+    return {t: (flat[2 * i].item(), flat[2 * i + 1].item()) for i, t in enumerate(D.TASKS)}
+
+
+def chance_level(task: str) -> str:
+    return {"vqa": "~20%", "caption": "<1%", "language": "<1%", "som": "<1%"}.get(task, "~0% (IoU@0.5)")
+
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def measured_peak_flops() -> float:
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 3 * 2 * n ** 3 / (time.perf_counter() - t)
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def train(args) -> dict:
+    mesh = setup_mesh(args.tp)
+    log = (lambda *a: print(*a, flush=True)) if mesh.is_main else (lambda *a: None)
+    cfg = M.sphinx_config(args.size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tok = get_tokenizer(args, mesh, cfg)
+    model = build_model(args, mesh, cfg, args.init)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    opt = ZeRO2(trainable, mesh, args.lr, bucket_numel=int(args.bucket_mb * 2 ** 20 / 4))
+    if args.batch % (args.micro_batch * mesh.dp):
+        raise SystemExit(f"--batch {args.batch} must be a multiple of micro-batch {args.micro_batch} x DP {mesh.dp}")
+    accum = args.batch // (args.micro_batch * mesh.dp)
+    skips = D.Skips(args.bad_input)
+    entries = [{"path": "synthetic", "ratio": 1.0}] if args.data == "synthetic" else D.read_mixture(args.data)
+    source = D.SampleSource(entries, args.seed, cfg.canvas, skips=skips)
+    # The batcher's unit is the whole global batch, so its composition does not depend on DP or accumulation.
+    batcher = D.Batcher(source, tok, model.layout, args.max_len, args.batch, rank=mesh.dp_rank, world=mesh.dp)
+    step, losses = 0, []
+    if args.resume:
+        step, losses = load_checkpoint(args, mesh, model, opt, batcher)
+        log(f"resumed from step {step}")
+    is_moe = cfg.llm.n_experts > 0
+    n_train = sum(p.numel() for _, p in trainable)
+    log(f"SPHINX-X {args.size}: {n_train:,} trainable + {frozen:,} frozen parameters; DP {mesh.dp} x TP {mesh.tp}; "
+        f"batch {args.batch} = {args.micro_batch} x {accum} accumulation x {mesh.dp} DP; ~{args.batch * 180:,} "
+        f"tokens/step (image blocks included); per rank: weights {4 * sum(p.numel() for p in model.parameters()) / 2**20:.0f} MiB, "
+        f"grad + optimizer shards {opt.state_bytes() / 2**20:.0f} MiB; lr {args.lr:g}, {args.steps} steps")
+    peak = (args.peak_tflops or 0) * 1e12 or measured_peak_flops()
+    metrics = open(args.out / "metrics.jsonl", "a") if mesh.is_main else None
+    t0, tok_count, flops_per_token = time.perf_counter(), 0, None
+    t_start, step0 = t0, step
+    while step < args.steps:
+        lr = lr_at(step, args.steps, args.lr, args.warmup)
+        micro = batcher.next_micro(accum)
+        n_targets = all_reduce(torch.tensor(float(sum(b["n_targets"] for b in micro))), mesh.dp_group).item()
+        loss_sum = torch.zeros(())
+        for b in micro:
+            def fwd_bwd():
+                _, loss = model(b["tokens"], b["images"], b["targets"], loss_sum=True)
+                total = loss / max(n_targets, 1)
+                if is_moe:
+                    # Averaged over layers, micro-batches and DP ranks; /tp because the router's gradient
+                    # (partial under TP) is summed over the TP ranks below.
+                    total = total + args.aux_weight * total_aux_loss(model) / (accum * mesh.dp * mesh.tp)
+                total.backward()
+                return loss.detach()
+            if flops_per_token is None:
+                # FLOPs per position, counted once on a throw-away pass (a dispatch mode may change
+                # kernels, so the real steps never run under it: resumed runs stay bit-identical).
+                flops_per_token = count_flops(fwd_bwd) / max(b["n_tokens"], 1)
+                model.zero_grad(set_to_none=True)
+            loss = fwd_bwd()
+            loss_sum += loss
+            if is_moe and mesh.tp_group is not None:
+                for m in moe_layers(model):
+                    all_reduce(m.gate.weight.grad, mesh.tp_group)
+            opt.reduce_gradients()
+            tok_count += b["n_tokens"] * mesh.dp
+        gnorm = opt.step(lr, args.grad_clip)
+        loss_val = all_reduce(loss_sum, mesh.dp_group).item() / max(n_targets, 1)
+        losses.append(loss_val)
+        step += 1
+        if step % args.log_every == 0 or step == args.steps:
+            dt = time.perf_counter() - t0
+            tps = tok_count / dt
+            mfu = flops_per_token * tps / (peak * mesh.world)
+            eta = (time.perf_counter() - t_start) / (step - step0) * (args.steps - step)
+            log(f"step {step:5d}/{args.steps} | loss {loss_val:.4f} | lr {lr:.2e} | grad norm {gnorm:.2f} | "
+                f"{tps:,.0f} tokens/s | MFU {mfu:.1%} of {peak / 1e9:.0f} GFLOP/s/rank | ETA {eta / 60:.1f} min")
+            if metrics:
+                metrics.write(json.dumps({"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm,
+                                          "tokens_per_s": tps, "mfu": mfu}) + "\n")
+                metrics.flush()
+            t0, tok_count = time.perf_counter(), 0
+        if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
+            save_checkpoint(args, mesh, model, opt, batcher, step, losses)
+        if args.stop_after and step >= args.stop_after:
+            log(f"stopping after step {step} (--stop-after)")
+            return {"losses": losses, "mesh": mesh, "model": model, "opt": opt}
+    save_checkpoint(args, mesh, model, opt, batcher, step, losses)
+    log(f"saved {args.out / 'model.safetensors'} (and {args.out / 'tokenizer.json'})")
+    if skips.reasons:
+        log(skips.report())
+    result = {"losses": losses, "mesh": mesh, "model": model, "opt": opt}
+    if args.eval_samples:
+        if is_moe:
+            track_usage(model)
+        scores = evaluate(model, tok, mesh, D.eval_samples(args.seed, args.eval_samples, cfg.canvas))
+        log("held-out evaluation (greedy; box tasks: every box at IoU >= 0.5):")
+        for task, (right, n) in scores.items():
+            if n:
+                log(f"  {task:10s} {right / n:6.1%}  ({int(right)}/{int(n)}; chance {chance_level(task)})")
+        if is_moe:
+            log("expert usage during evaluation:\n" + usage_report(model))
+        result["eval"] = scores
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (CheckpointError, D.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
