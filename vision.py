@@ -52,7 +52,7 @@ class ViTConfig:
 CONVNEXT_CONFIGS = {"convnext-xxlarge": ConvNeXtConfig(),
                     "tiny": ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), input_size=128)}
 VIT_CONFIGS = {"dinov2-vitg14": ViTConfig(),
-               "tiny": ViTConfig(dim=64, depth=2, heads=4, patch=16, pos_grid=4, ffn="mlp")}
+               "tiny": ViTConfig(dim=128, depth=2, heads=4, patch=16, pos_grid=4, ffn="mlp")}
 
 
 # ----------------------------------------------------------------------------- ConvNeXt

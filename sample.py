@@ -1,0 +1,181 @@
+"""Ask a SPHINX-X model about a photo: streamed answer, KV cache, boxes drawn.
+
+    python sample.py image.jpg "What is in the image?"
+    python sample.py image.jpg "Detect all the objects in the image." --draw out.png
+    python sample.py "What is 12 + 7?"                       # text only
+    python sample.py image.jpg --chat                         # multi-turn about one image
+
+Default checkpoint: out/tiny/model.safetensors (from `torchrun train.py --size tiny`), with its
+tokenizer.json beside it. The paper sizes can be assembled from component safetensors:
+    python sample.py img.jpg "..." --size sphinx-tiny --llm TinyLlama-dir --convnext convnext.safetensors \
+        --dinov2 dinov2.safetensors --projector sphinx_proj.safetensors --tokenizer tokenizer.model
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import data as D
+import model as M
+from checkpoint import CheckpointError, iter_safetensors
+from moe import moe_layers, set_top_k
+from tiling import ImageError, canvas_to_photo, load_image, tile
+from vision import load_encoder
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", help="[image] prompt")
+    p.add_argument("--ckpt", default="out/tiny/model.safetensors")
+    p.add_argument("--tokenizer", default=None, help="default: tokenizer.json beside the checkpoint")
+    p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy (reference demo: 0.1)")
+    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--experts", type=int, default=None, help="active experts per token (MoE)")
+    p.add_argument("--no-skip-tokens", action="store_true", help="encode fully padded sub-images too")
+    p.add_argument("--chat", action="store_true", help="multi-turn conversation about the same image")
+    p.add_argument("--draw", default=None, help="draw the boxes and points of the answer on the photo")
+    g = p.add_argument_group("assemble a paper size from component safetensors")
+    g.add_argument("--size", default=None)
+    g.add_argument("--llm", default=None, help="HF-format LLM directory")
+    g.add_argument("--convnext", default=None)
+    g.add_argument("--dinov2", default=None)
+    g.add_argument("--projector", default=None, help="mov.proj.*, begin/end_of_image, skip_token")
+    return p.parse_args(argv)
+
+
+def assemble(args) -> M.Sphinx:
+    """A paper-size Sphinx from its parts: LLM directory, two encoders, projector + tags file."""
+    missing = [f"--{k}" for k in ("llm", "convnext", "dinov2", "projector") if not getattr(args, k)]
+    if missing:
+        raise CheckpointError(f"--size {args.size} needs {', '.join(missing)}")
+    cfg = M.sphinx_config(args.size)
+    model = M.build_sphinx(cfg, init=False)
+    model.llm = M.load_hf(args.llm)
+    if model.llm.cfg != cfg.llm:
+        raise CheckpointError(f"{args.llm}: its config differs from {args.size}'s LLM")
+    load_encoder(model.mov.convnext, args.convnext)
+    load_encoder(model.mov.vit, args.dinov2)
+    rest = torch.nn.ModuleDict({"proj": model.mov.proj})
+    tags = dict(iter_safetensors([args.projector]))
+    from checkpoint import load_state_strict
+    load_state_strict(rest, ((k.removeprefix("mov."), v) for k, v in tags.items() if k.startswith("mov.proj.")),
+                      where=args.projector)
+    for name in ("begin_of_image", "end_of_image", "skip_token"):
+        if name not in tags:
+            raise CheckpointError(f"{args.projector}: missing {name}")
+        setattr(model, name, torch.nn.Parameter(tags[name].float()))
+    model.mov.freeze_encoders()
+    return model
+
+
+def load(args):
+    if args.size:
+        model = assemble(args)
+        tok_path = args.tokenizer
+    else:
+        ckpt = Path(args.ckpt)
+        if not ckpt.exists():
+            raise CheckpointError(f"no checkpoint at {ckpt}; make one with: torchrun train.py --size tiny "
+                                  "(or pass --ckpt)")
+        model = M.load_sphinx(ckpt)
+        tok_path = args.tokenizer or ckpt.parent / "tokenizer.json"
+    if not tok_path or not Path(tok_path).exists():
+        raise CheckpointError(f"no tokenizer at {tok_path}; pass --tokenizer")
+    if args.no_skip_tokens:
+        from dataclasses import replace
+        model.cfg = replace(model.cfg, skip_tokens=False)
+    if args.experts is not None:
+        if not moe_layers(model):
+            raise ValueError("--experts applies to MoE sizes only")
+        set_top_k(model, args.experts)
+    return model.to(args.device).eval(), D.Tokenizer(tok_path)
+
+
+def answer(model, tok, turns, tiles, args, out=sys.stdout) -> str:
+    """Stream the reply to the last question of `turns`, token by token."""
+    tokens = [tok.bos_id] + tok.encode(D.prompt_text(turns))
+    gen = torch.Generator().manual_seed(args.seed)
+    stop = "\n" + D.SEP
+    ids, shown = [], ""
+    for t in M.generate(model, tokens, tiles, args.max_new_tokens, stop_ids=(tok.eos_id,), stop_text=stop,
+                        decode=tok.decode, temperature=args.temperature, top_p=args.top_p, generator=gen):
+        ids.append(t)
+        text = tok.decode(ids).lstrip()
+        # hold back a tail that may be the start of the stop text
+        text = next((text[:-k] for k in range(len(stop), 0, -1) if text.endswith(stop[:k])), text)
+        if text.startswith(shown):            # print only what is new (multi-byte pieces may still change)
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    final = tok.decode(ids).removesuffix("\n" + D.SEP).strip()
+    out.write("\n")
+    return final
+
+
+def draw_answer(photo, text: str, canvas: int, path):
+    """Boxes [x1, y1, x2, y2] and points [x, y] of the answer, labelled by the text before them,
+    drawn on the original photo (normalised canvas coordinates mapped back to photo pixels)."""
+    from PIL import ImageDraw
+    img = photo.copy()
+    draw = ImageDraw.Draw(img)
+    width = max(1, round(max(img.size) / 200))
+    last = 0
+    for m in D.BOX_RE.finditer(text):
+        label = text[last:m.start()].strip(" ,.;:")[-30:]
+        last = m.end()
+        vals = canvas_to_photo([float(v) for v in m.groups() if v is not None], img.size, canvas)
+        if len(vals) == 4:
+            vals = [min(vals[0], vals[2]), min(vals[1], vals[3]), max(vals[0], vals[2]), max(vals[1], vals[3])]
+            draw.rectangle(vals, outline=(255, 0, 0), width=width)
+            draw.text((vals[0] + 2, vals[1] + 2), label, fill=(255, 0, 0))
+        else:
+            r = 2 * width
+            draw.ellipse((vals[0] - r, vals[1] - r, vals[0] + r, vals[1] + r), fill=(255, 0, 0))
+            draw.text((vals[0] + r + 1, vals[1] - r), label, fill=(255, 0, 0))
+    img.save(path)
+    return img
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if len(args.inputs) > 2 or (not args.inputs and not args.chat):
+            raise ValueError("usage: python sample.py [image] \"prompt\" (or [image] --chat)")
+        image_path = args.inputs[0] if len(args.inputs) == 2 or (args.chat and len(args.inputs) == 1) else None
+        prompt = args.inputs[-1] if len(args.inputs) == 2 or (len(args.inputs) == 1 and not args.chat) else None
+        photo = load_image(image_path) if image_path else None
+        model, tok = load(args)
+        tiles = tile(photo, model.cfg.canvas, model.cfg.grid) if photo is not None else None
+        turns = []
+        while True:
+            if prompt is None:
+                try:
+                    prompt = input("you> ").strip()
+                except EOFError:
+                    return 0
+                if not prompt:
+                    return 0
+            turns.append((prompt, None))
+            reply = answer(model, tok, turns, tiles, args)
+            turns[-1] = (prompt, reply)
+            if args.draw and photo is not None:
+                draw_answer(photo, reply, model.cfg.canvas, args.draw)
+                print(f"(boxes drawn on {args.draw})", file=sys.stderr)
+            if not args.chat:
+                return 0
+            prompt = None
+    except (ImageError, CheckpointError, D.DataError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
