@@ -90,9 +90,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32 (bf16 variance underflows), scale in the input dtype, as the LLaMA reference.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
@@ -214,6 +212,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size // tp, bias=False)
         self.activation_checkpointing = False
+        self.rope_table = None             # (cos, sin) for every cached position, set by setup_cache
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
@@ -235,10 +234,13 @@ class Transformer(nn.Module):
         for layer in self.layers:
             a = layer.attention
             a.cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype or w.dtype, w.device)
+        # Decoding runs one token per forward: tabulate RoPE once instead of per step.
+        self.rope_table = rope_cos_sin(torch.arange(max_len, device=w.device), self.cfg.head_dim, self.cfg.rope_theta)
 
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.cache = None
+        self.rope_table = None
 
     def embed_tokens(self, tokens):
         return vocab_parallel_embedding(tokens, self.tok_embeddings.weight, self.tp_group)
@@ -254,8 +256,11 @@ class Transformer(nn.Module):
         T = h.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len {self.cfg.max_seq_len}")
-        positions = torch.arange(start_pos, start_pos + T, device=h.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        if self.rope_table is not None and start_pos + T <= len(self.rope_table[0]):
+            cos, sin = (t[start_pos:start_pos + T] for t in self.rope_table)
+        else:
+            positions = torch.arange(start_pos, start_pos + T, device=h.device)
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 # Recompute each block in backward: activation memory of one block instead of all.
@@ -576,15 +581,18 @@ def load_sphinx(path, device="cpu", dtype=torch.float32, **overrides) -> Sphinx:
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
-def generate(model: Sphinx, tokens: list[int], tiles: Tiles | None, max_new_tokens: int, stop_ids=(),
+def generate(model, tokens: list[int], tiles: Tiles | None, max_new_tokens: int, stop_ids=(),
              stop_text=None, decode=None, temperature: float = 0.0, top_p: float = 1.0, generator=None):
     """Prefill [BOS][image block][prompt] once, then decode one token at a time with the KV cache.
     Yields token ids as they are produced. Stops on a stop id, or when the decoded text ends with
     stop_text (the template's "\n###"). Under TP every rank runs this and gets the same tokens."""
     from parallel import gather_vocab
-    llm = model.llm
-    x = torch.tensor([tokens], device=model.skip_token.device)
-    embeds, _ = model.embed(x, [tiles] if tiles is not None else None)
+    llm = model.llm if isinstance(model, Sphinx) else model          # a bare Transformer works too
+    x = torch.tensor([tokens], device=llm.norm.weight.device)
+    if isinstance(model, Sphinx):
+        embeds, _ = model.embed(x, [tiles] if tiles is not None else None)
+    else:
+        embeds = llm.embed_tokens(x)
     total = embeds.shape[1] + max_new_tokens
     if total > llm.cfg.max_seq_len:
         raise ValueError(f"prompt of {embeds.shape[1]} positions + {max_new_tokens} new tokens exceeds "

@@ -179,16 +179,21 @@ class ZeRO2:
         S = self.flat[i].numel() // self.mesh.dp
         return slice(self.mesh.dp_rank * S, (self.mesh.dp_rank + 1) * S)
 
+    def take_flat_grad(self, i):
+        """Bucket i's gradients as one fp32 vector (zeros where a parameter got none); frees them."""
+        full = torch.zeros_like(self.flat[i], dtype=torch.float32)
+        off = 0
+        for _, p in self.buckets[i]:
+            if p.grad is not None:
+                full[off:off + p.numel()] = p.grad.flatten()
+                p.grad = None
+            off += p.numel()
+        return full
+
     def reduce_gradients(self):
         """Sum this micro-batch's gradients over DP into the local shard; free the full gradients."""
-        for i, bucket in enumerate(self.buckets):
-            full = torch.zeros_like(self.flat[i], dtype=torch.float32)
-            off = 0
-            for _, p in bucket:
-                if p.grad is not None:
-                    full[off:off + p.numel()] = p.grad.flatten()
-                    p.grad = None
-                off += p.numel()
+        for i in range(len(self.buckets)):
+            full = self.take_flat_grad(i)
             if self.mesh.dp_group is None:
                 self.grad[i] += full
             else:
@@ -472,7 +477,7 @@ def train(args) -> dict:
     peak = (args.peak_tflops or 0) * 1e12 or measured_peak_flops()
     metrics = open(args.out / "metrics.jsonl", "a") if mesh.is_main else None
     t0, tok_count, flops_per_token = time.perf_counter(), 0, None
-    t_start, step0 = t0, step
+    t_start, step0, throughput = t0, step, {}
     while step < args.steps:
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         micro = batcher.next_micro(accum)
@@ -516,16 +521,17 @@ def train(args) -> dict:
                                           "tokens_per_s": tps, "mfu": mfu}) + "\n")
                 metrics.flush()
             t0, tok_count = time.perf_counter(), 0
+            throughput = {"tokens_per_s": tps, "mfu": mfu, "peak_flops": peak}
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
             save_checkpoint(args, mesh, model, opt, batcher, step, losses)
         if args.stop_after and step >= args.stop_after:
             log(f"stopping after step {step} (--stop-after)")
-            return {"losses": losses, "mesh": mesh, "model": model, "opt": opt}
+            return {"losses": losses, "mesh": mesh, "model": model, "opt": opt, "throughput": throughput}
     save_checkpoint(args, mesh, model, opt, batcher, step, losses)
     log(f"saved {args.out / 'model.safetensors'} (and {args.out / 'tokenizer.json'})")
     if skips.reasons:
         log(skips.report())
-    result = {"losses": losses, "mesh": mesh, "model": model, "opt": opt}
+    result = {"losses": losses, "mesh": mesh, "model": model, "opt": opt, "throughput": throughput}
     if args.eval_samples:
         if is_moe:
             track_usage(model)

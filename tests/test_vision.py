@@ -146,10 +146,11 @@ def test_mov_aligns_grids_and_projects():
     mov.freeze_encoders()
     views = torch.rand(3, 3, 64, 64)
     feats = mov.encode_frozen(views)
-    assert feats.shape == (3, 1 + 4 * 4, 64 + 64)
-    conv = feats[..., :64]
+    c = V.CONVNEXT_CONFIGS["tiny"].dims[-1]
+    assert feats.shape == (3, 1 + 4 * 4, c + V.VIT_CONFIGS["tiny"].dim)
+    conv = feats[..., :c]
     torch.testing.assert_close(conv[:, 0], conv[:, 1:].mean(1))          # ConvNeXt cls = mean of its grid
-    torch.testing.assert_close(feats[..., 64:], mov.vit(V.normalize(views, V.IMAGENET_MEAN, V.IMAGENET_STD)))
+    torch.testing.assert_close(feats[..., c:], mov.vit(V.normalize(views, V.IMAGENET_MEAN, V.IMAGENET_STD)))
     out = mov(views)
     assert out.shape == (3, 17, 48)
     torch.testing.assert_close(out, mov.proj(feats))
