@@ -381,7 +381,7 @@ def _tasks_for(rng, img, objects, word, canvas):
                 if ca + 0.1 * img.width < cb:
                     qa.append((f"Is the {name(a)} to the left or to the right of the {name(b)}?", "Left."))
                     qa.append((f"Is the {name(b)} to the left or to the right of the {name(a)}?", "Right."))
-        return task, rng.sample(qa, min(2, len(qa)))
+        return task, rng.sample(qa, min(3, len(qa)))
     if task == "grounding":
         o = rng.choice(objects)
         return task, [(REC_PROMPT.format(f"the {name(o)}"), box(o["box"]))]

@@ -471,8 +471,8 @@ def train(args) -> dict:
     is_moe = cfg.llm.n_experts > 0
     n_train = sum(p.numel() for _, p in trainable)
     log(f"SPHINX-X {args.size}: {n_train:,} trainable + {frozen:,} frozen parameters; DP {mesh.dp} x TP {mesh.tp}; "
-        f"batch {args.batch} = {args.micro_batch} x {accum} accumulation x {mesh.dp} DP; ~{args.batch * 180:,} "
-        f"tokens/step (image blocks included); per rank: weights {4 * sum(p.numel() for p in model.parameters()) / 2**20:.0f} MiB, "
+        f"batch {args.batch} = {args.micro_batch} x {accum} accumulation x {mesh.dp} DP; at most "
+        f"{args.batch * args.max_len:,} tokens/step (image blocks included); per rank: weights {4 * sum(p.numel() for p in model.parameters()) / 2**20:.0f} MiB, "
         f"grad + optimizer shards {opt.state_bytes() / 2**20:.0f} MiB; lr {args.lr:g}, {args.steps} steps")
     peak = (args.peak_tflops or 0) * 1e12 or measured_peak_flops()
     metrics = open(args.out / "metrics.jsonl", "a") if mesh.is_main else None
