@@ -60,9 +60,25 @@ def iter_safetensors(files):
                 yield name, sf.get_tensor(name)
 
 
+def tie_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(second name, first name) of every shared parameter (the output head of a tied model)."""
+    first, pairs = {}, []
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            pairs.append((n, first[id(p)]))
+        first.setdefault(id(p), n)
+    return pairs
+
+
 def tied_names(model: nn.Module) -> set[str]:
-    """Second and later names of shared parameters (the output head of a tied model)."""
-    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {n for n, _ in tie_pairs(model)}
+
+
+def retie(model: nn.Module, pairs):
+    """Share parameters again after to_empty or load_state_dict(assign=True) gave each name its own."""
+    for n, src in pairs:
+        owner, _, attr = n.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(src))
 
 
 def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None, dtype=torch.float32,
@@ -77,7 +93,7 @@ def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None,
     tied = tied_names(model)
     for n in tied:
         expected.pop(n, None)
-    state, unexpected, misshaped, seen_slots, ties, bad_shape = {}, [], [], {}, [], set()
+    state, unexpected, misshaped, seen_slots, bad_shape = {}, [], [], {}, set()
     for src, t in named_tensors:
         target = rename(src) if rename else (src, None)
         if target is None or (target[0] in tied and target[1] is None):
@@ -115,16 +131,11 @@ def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None,
             if items:
                 parts.append(f"  {label} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(parts))
-    first = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), n)
-        if n in tied:
-            ties.append((n, first[id(p)]))
-            state[n] = state.get(first[id(p)])
+    ties = tie_pairs(model)
+    for n, src in ties:
+        state[n] = state.get(src)
     model.load_state_dict(state, strict=strict, assign=True)
-    for n, src in ties:       # assign=True gives each name its own Parameter: share them again
-        owner, _, attr = n.rpartition(".")
-        setattr(model.get_submodule(owner), attr, model.get_parameter(src))
+    retie(model, ties)
     return model
 
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from tiling import ImageError, ImageLayout, Tiles, format_box, load_image, photo_to_canvas, tile
@@ -118,11 +119,11 @@ class Sample:
         return self.image
 
 
-def render(turns, upto_answer: bool = True) -> list[tuple[str, bool]]:
+def render(turns) -> list[tuple[str, bool]]:
     """Conversation -> (text, is_target) segments in the reference template (conv_v1_2):
     {system}\\n\\n### Human: {q}\\n### Assistant: {a}\\n### Human: ... Only ' {a}\\n###' are targets."""
     segs, prefix = [], SYSTEM + "\n\n" + SEP
-    for i, (q, a) in enumerate(turns):
+    for q, a in turns:
         segs.append((prefix + " Human: " + q + "\n" + SEP + " Assistant:", False))
         if a is None:
             break
@@ -134,6 +135,11 @@ def render(turns, upto_answer: bool = True) -> list[tuple[str, bool]]:
 def prompt_text(turns) -> str:
     """The text the model sees before generating the last answer (last answer is None)."""
     return "".join(t for t, _ in render(turns))
+
+
+def prompt_tokens(tok: Tokenizer, turns) -> list[int]:
+    """BOS + the rendered prompt, ready for generation (the last answer of `turns` is None)."""
+    return [tok.bos_id] + tok.encode(prompt_text(turns))
 
 
 @dataclass
@@ -529,7 +535,6 @@ class Batcher:
 
 def collate(encoded: list[Encoded], tok: Tokenizer) -> dict:
     """Right-padded tokens and targets; the model splices each image block in after BOS."""
-    import torch
     T = max((len(e.tokens) for e in encoded), default=1)
     pad = tok.eos_id
     return {

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_safetensors, load_state_strict,
-                        map_name, read_safetensors_metadata, safetensors_files, save_safetensors_atomic,
-                        unique_state_dict)
+                        map_name, read_safetensors_metadata, retie, safetensors_files, save_safetensors_atomic,
+                        tie_pairs, unique_state_dict)
 from moe import MoEFeedForward
 from parallel import copy_to_tp, cross_entropy_sum, reduce_from_tp, vocab_parallel_embedding
 from tiling import ImageLayout, Tiles
@@ -133,10 +133,10 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_size: int = 1):
         super().__init__()
-        # Under tensor parallelism (train.py) each rank holds n_heads/tp query heads and, when
-        # divisible, n_kv_heads/tp kv heads; wq/wk/wv are column-split and wo row-split.
+        # Under tensor parallelism (train.py) each rank holds n_heads/tp query heads and n_kv_heads/tp
+        # kv heads (Transformer checks divisibility); wq/wk/wv are column-split and wo row-split.
         self.n_heads = cfg.n_heads // tp_size
-        self.n_kv_heads = cfg.n_kv_heads // tp_size if cfg.n_kv_heads % tp_size == 0 else cfg.n_kv_heads
+        self.n_kv_heads = cfg.n_kv_heads // tp_size
         self.head_dim = cfg.head_dim
         self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -279,16 +279,20 @@ class Transformer(nn.Module):
         return logits, loss
 
 
+def materialise(model: nn.Module, device, dtype):
+    """Give a meta-device model real storage and a fresh init, once (to_empty unties shared weights)."""
+    ties = tie_pairs(model)
+    model.to_empty(device=device).to(dtype)
+    retie(model, ties)
+    model.init_weights()
+    return model
+
+
 def build(cfg: ModelConfig, device="cpu", dtype=torch.float32, init: bool = True) -> Transformer:
     """Build on the meta device (no memory, no init), then materialise weights once."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    if init:
-        model.to_empty(device=device).to(dtype)
-        if cfg.tie_embeddings:   # to_empty unties shared parameters
-            model.output.weight = model.tok_embeddings.weight
-        model.init_weights()
-    return model
+    return materialise(model, device, dtype) if init else model
 
 
 def count_params(model: nn.Module) -> int:
@@ -537,10 +541,7 @@ def build_sphinx(cfg: SphinxConfig, device="cpu", dtype=torch.float32, init: boo
     with torch.device("meta"):
         model = Sphinx(cfg, tp_group)
     if init:
-        model.to_empty(device=device).to(dtype)
-        if cfg.llm.tie_embeddings:
-            model.llm.output.weight = model.llm.tok_embeddings.weight
-        model.init_weights()
+        materialise(model, device, dtype)
     model.mov.freeze_encoders()
     return model
 

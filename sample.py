@@ -20,7 +20,7 @@ import torch
 
 import data as D
 import model as M
-from checkpoint import CheckpointError, iter_safetensors
+from checkpoint import CheckpointError, iter_safetensors, load_state_strict
 from moe import moe_layers, set_top_k
 from tiling import ImageError, canvas_to_photo, load_image, tile
 from vision import load_encoder
@@ -63,7 +63,6 @@ def assemble(args) -> M.Sphinx:
     load_encoder(model.mov.vit, args.dinov2)
     rest = torch.nn.ModuleDict({"proj": model.mov.proj})
     tags = dict(iter_safetensors([args.projector]))
-    from checkpoint import load_state_strict
     load_state_strict(rest, ((k.removeprefix("mov."), v) for k, v in tags.items() if k.startswith("mov.proj.")),
                       where=args.projector)
     for name in ("begin_of_image", "end_of_image", "skip_token"):
@@ -99,7 +98,7 @@ def load(args):
 
 def answer(model, tok, turns, tiles, args, out=sys.stdout) -> str:
     """Stream the reply to the last question of `turns`, token by token."""
-    tokens = [tok.bos_id] + tok.encode(D.prompt_text(turns))
+    tokens = D.prompt_tokens(tok, turns)
     gen = torch.Generator().manual_seed(args.seed)
     stop = "\n" + D.SEP
     ids, shown = [], ""

@@ -266,18 +266,12 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphinx:
     """Every rank builds the same full model from the seed (or a checkpoint), then keeps its TP shard."""
     torch.manual_seed(args.seed)
-    if init_path:
-        full = M.load_sphinx(init_path)
-        state = full.state_dict()
-    else:
-        full = M.build_sphinx(cfg)
-        state = full.state_dict()
+    full = M.load_sphinx(init_path) if init_path else M.build_sphinx(cfg)
     if mesh.tp == 1:
         model = full
     else:
         model = M.build_sphinx(cfg, init=False, tp_group=mesh.tp_group)
-        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-        load_state_strict(model, ((n, shard(n, t, mesh.tp_rank, mesh.tp)) for n, t in state.items() if n not in tied))
+        load_state_strict(model, ((n, shard(n, t, mesh.tp_rank, mesh.tp)) for n, t in M.unique_state_dict(full).items()))
         model.mov.freeze_encoders()
     model.llm.activation_checkpointing = args.activation_checkpointing
     return model.train()
@@ -410,7 +404,7 @@ def evaluate(model, tok, mesh, samples, max_new_tokens=48) -> dict:
         if i % mesh.dp != mesh.dp_rank:
             continue
         turns = s.turns[:-1] + [(s.turns[-1][0], None)]
-        enc_tokens = [tok.bos_id] + tok.encode(D.prompt_text(turns))
+        enc_tokens = D.prompt_tokens(tok, turns)
         tiles = tile(s.image, layout.canvas, layout.grid) if s.image is not None else None
         ids = list(M.generate(model, enc_tokens, tiles, max_new_tokens, stop_ids=(tok.eos_id,),
                               stop_text="\n" + D.SEP, decode=tok.decode))
