@@ -90,6 +90,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32 (bf16 variance underflows), scale in the input dtype, as the LLaMA reference.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -101,15 +103,15 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)            # the half-split ("rotate_half") layout of HF weights
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    # The half-split ("rotate_half") layout of HF weights; sin carries rotate_half's sign.
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x, cos, sin):
     # x: (B, H, T, hd). Pairs are (i, i + hd/2), the layout HF-format Llama/InternLM2 checkpoints use.
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return (x * cos + torch.cat([x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -581,12 +583,14 @@ def load_sphinx(path, device="cpu", dtype=torch.float32, **overrides) -> Sphinx:
 
 # ----------------------------------------------------------------------------- generation
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, tokens: list[int], tiles: Tiles | None, max_new_tokens: int, stop_ids=(),
-             stop_text=None, decode=None, temperature: float = 0.0, top_p: float = 1.0, generator=None):
+             stop_text=None, decode=None, temperature: float = 0.0, top_p: float = 1.0, generator=None,
+             compile: bool = False):
     """Prefill [BOS][image block][prompt] once, then decode one token at a time with the KV cache.
     Yields token ids as they are produced. Stops on a stop id, or when the decoded text ends with
-    stop_text (the template's "\n###"). Under TP every rank runs this and gets the same tokens."""
+    stop_text (the template's "\n###"). Under TP every rank runs this and gets the same tokens.
+    compile: run the one-token step through torch.compile (see `compiled_step`)."""
     from parallel import gather_vocab
     llm = model.llm if isinstance(model, Sphinx) else model          # a bare Transformer works too
     x = torch.tensor([tokens], device=llm.norm.weight.device)
@@ -600,7 +604,9 @@ def generate(model, tokens: list[int], tiles: Tiles | None, max_new_tokens: int,
                          f"max_seq_len {llm.cfg.max_seq_len}")
     was_training = model.training
     model.eval()
-    llm.setup_cache(1, total)
+    # The cache is sized in buckets of 256 positions so that a compiled step sees few distinct shapes.
+    llm.setup_cache(1, min(llm.cfg.max_seq_len, -(-total // 256) * 256))
+    step = compiled_step(llm) if compile else (lambda t, p: llm(t, start_pos=p)[0])
     try:
         logits, _ = llm(embeds=embeds, last_only=True)
         pos, out = embeds.shape[1], []
@@ -611,13 +617,23 @@ def generate(model, tokens: list[int], tiles: Tiles | None, max_new_tokens: int,
                 return
             out.append(nxt)
             yield nxt
-            if stop_text and decode and decode(out).endswith(stop_text):
+            if len(out) == max_new_tokens or (stop_text and decode and decode(out).endswith(stop_text)):
                 return
-            logits, _ = llm(torch.tensor([[nxt]], device=x.device), start_pos=pos)
+            logits = step(torch.tensor([[nxt]], device=x.device), pos)
             pos += 1
     finally:
         llm.clear_cache()
         model.train(was_training)
+
+
+def compiled_step(llm: Transformer):
+    """The one-token decode step under torch.compile (as gpt-fast): at batch 1 the eager step is
+    ~100 small ops whose dispatch costs more than the arithmetic; compiled, they fuse into a few
+    kernels. Compiled once per model (tens of seconds on a CPU, cached on disk by inductor), so it
+    pays off for long answers and chats. Single process only."""
+    if getattr(llm, "_compiled_step", None) is None:
+        llm._compiled_step = torch.compile(lambda t, p: llm(t, start_pos=p)[0], dynamic=True)
+    return llm._compiled_step
 
 
 def sample_token(logits, temperature: float, top_p: float, generator=None) -> int:

@@ -1,5 +1,6 @@
 """sample.py: KV-cache generation against full forwards, drawing, component assembly, bad input."""
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,17 @@ def test_greedy_generation_equals_full_forward_argmax(run_dir):
         for _ in range(6):
             seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
     assert text_only == seq[len(prompt):]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_equals_eager(run_dir):
+    """--compile: the same tokens as the eager step, with the image, for answers in two cache buckets."""
+    model = M.load_sphinx(run_dir / "model.safetensors").eval()
+    tiles = T.tile(Image.fromarray((np.random.default_rng(2).random((90, 40, 3)) * 255).astype(np.uint8)), 128, 2)
+    prompt = [1, 50, 51, 52]
+    for n in (10, 200):                           # 10: a 256-position cache; 200: a 512-position one
+        assert list(M.generate(model, prompt, tiles, n, compile=True)) == list(M.generate(model, prompt, tiles, n))
 
 
 def test_draw_puts_boxes_at_expected_pixels(tmp_path):
