@@ -416,6 +416,29 @@ def evaluate(model, tok, mesh, samples, max_new_tokens=48) -> dict:
     return {t: (flat[2 * i].item(), flat[2 * i + 1].item()) for i, t in enumerate(D.TASKS)}
 
 
+def image_reliance(model, tok, mesh, samples) -> tuple[float, float]:
+    """Mean answer loss on held-out image samples with their own image, and with the image of
+    another held-out sample of the same layout (same skip pattern, so the sequence is unchanged).
+    Equal losses mean the model answers from the text alone."""
+    enc = [D.encode(s, tok, 10 ** 9, model.layout) for s in samples if s.image is not None]
+    groups = {}
+    for i, e in enumerate(enc):
+        groups.setdefault(tuple(e.tiles.fully_padded), []).append(i)
+    other = {a: b for g in groups.values() for a, b in zip(g, g[1:] + g[:1])}   # a rotation: nobody keeps theirs
+    sums = torch.zeros(3, dtype=torch.float64)                                  # own, other, targets
+    with torch.no_grad():
+        for i, e in enumerate(enc):
+            if i % mesh.dp != mesh.dp_rank or other[i] == i:
+                continue
+            b = D.collate([e], tok)
+            for k, tiles in enumerate((e.tiles, enc[other[i]].tiles)):
+                sums[k] += model(b["tokens"], [tiles], b["targets"], loss_sum=True)[1].item()
+            sums[2] += b["n_targets"]
+    all_reduce(sums, mesh.dp_group)
+    n = max(sums[2].item(), 1)
+    return sums[0].item() / n, sums[1].item() / n
+
+
 def chance_level(task: str) -> str:
     return {"vqa": "~20%", "caption": "<1%", "language": "<1%", "som": "<1%"}.get(task, "~0% (IoU@0.5)")
 
@@ -532,14 +555,18 @@ def train(args) -> dict:
     if args.eval_samples:
         if is_moe:
             track_usage(model)
-        scores = evaluate(model, tok, mesh, D.eval_samples(args.seed, args.eval_samples, cfg.canvas))
+        held_out = D.eval_samples(args.seed, args.eval_samples, cfg.canvas)
+        scores = evaluate(model, tok, mesh, held_out)
         log("held-out evaluation (greedy; box tasks: every box at IoU >= 0.5):")
         for task, (right, n) in scores.items():
             if n:
                 log(f"  {task:10s} {right / n:6.1%}  ({int(right)}/{int(n)}; chance {chance_level(task)})")
+        own, other = image_reliance(model, tok, mesh, held_out)
+        log(f"image reliance: held-out answer loss {own:.3f} with each sample's own image, {other:.3f} with "
+            f"another sample's image ({'the answers depend on the image' if other - own > 0.05 else 'about equal: the answers ignore the image'})")
         if is_moe:
             log("expert usage during evaluation:\n" + usage_report(model))
-        result["eval"] = scores
+        result["eval"], result["image_reliance"] = scores, (own, other)
     return result
 
 

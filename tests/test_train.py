@@ -166,3 +166,22 @@ def test_unknown_size_is_one_clear_error(capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--size", "huge"])
     assert "unknown size 'huge'" in capsys.readouterr().err
+
+
+def test_image_reliance_swaps_images_within_a_layout(tokenizer, monkeypatch):
+    """Own vs another sample's image: different for a model that sees images, equal when the image
+    block carries nothing; each 'other' is a different sample with the same skip pattern."""
+    torch.manual_seed(0)
+    model = T.M.build_sphinx(T.M.sphinx_config("tiny")).eval()
+    tok = D.Tokenizer(tokenizer)
+    mesh = T.Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
+    samples = D.eval_samples(0, 24, 128)
+    own, other = T.image_reliance(model, tok, mesh, samples)
+    assert abs(own - other) > 1e-4 and 0 < own < 20 and 0 < other < 20
+    seen = []
+    real = model.image_blocks
+    monkeypatch.setattr(model, "image_blocks", lambda images: seen.append(images[0]) or [b * 0 for b in real(images)])
+    own0, other0 = T.image_reliance(model, tok, mesh, samples)
+    assert own0 == other0
+    pairs = list(zip(seen[::2], seen[1::2]))                 # (own, other) per evaluated sample
+    assert pairs and all(a is not b and a.fully_padded == b.fully_padded for a, b in pairs)
