@@ -563,7 +563,7 @@ def train(args) -> dict:
                 log(f"  {task:10s} {right / n:6.1%}  ({int(right)}/{int(n)}; chance {chance_level(task)})")
         own, other = image_reliance(model, tok, mesh, held_out)
         log(f"image reliance: held-out answer loss {own:.3f} with each sample's own image, {other:.3f} with "
-            f"another sample's image ({'the answers depend on the image' if other - own > 0.05 else 'about equal: the answers ignore the image'})")
+            f"another sample's image ({other - own:+.3f}; 0 means the answers ignore the image)")
         if is_moe:
             log("expert usage during evaluation:\n" + usage_report(model))
         result["eval"], result["image_reliance"] = scores, (own, other)
