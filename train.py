@@ -198,7 +198,7 @@ class ZeRO2:
                 self.grad[i] += full
             else:
                 part = torch.empty_like(self.grad[i])
-                dist.reduce_scatter_tensor(part, full, group=self.mesh.dp_group)
+                dist.reduce_scatter_single(part, full, group=self.mesh.dp_group)
                 self.grad[i] += part
 
     @torch.no_grad()
@@ -223,7 +223,7 @@ class ZeRO2:
             self.flat[i][own] = self.master[i].to(self.flat[i].dtype)
             if self.mesh.dp_group is not None:
                 shard_copy = self.flat[i][own].clone()
-                dist.all_gather_into_tensor(self.flat[i], shard_copy, group=self.mesh.dp_group)
+                dist.all_gather_single(self.flat[i], shard_copy, group=self.mesh.dp_group)
         return norm
 
     def state_bytes(self) -> int:
@@ -250,7 +250,7 @@ class ZeRO2:
             self.flat[i][self.shard_slice(i)] = self.master[i].to(self.flat[i].dtype)
             if self.mesh.dp_group is not None:
                 shard_copy = self.flat[i][self.shard_slice(i)].clone()
-                dist.all_gather_into_tensor(self.flat[i], shard_copy, group=self.mesh.dp_group)
+                dist.all_gather_single(self.flat[i], shard_copy, group=self.mesh.dp_group)
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
