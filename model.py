@@ -631,6 +631,8 @@ def compiled_step(llm: Transformer):
     ~100 small ops whose dispatch costs more than the arithmetic; compiled, they fuse into a few
     kernels. Compiled once per model (tens of seconds on a CPU, cached on disk by inductor), so it
     pays off for long answers and chats. Single process only."""
+    if llm.tp_group is not None:
+        raise ValueError("compile=True is for single-process generation (the step would trace TP collectives)")
     if getattr(llm, "_compiled_step", None) is None:
         llm._compiled_step = torch.compile(lambda t, p: llm(t, start_pos=p)[0], dynamic=True)
     return llm._compiled_step
