@@ -244,6 +244,10 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.rope_table = None
 
+    def decode_step(self, token, pos: int):
+        """Logits for one new token (B, 1) at absolute position pos, against the KV cache."""
+        return self(token, start_pos=pos)[0]
+
     def embed_tokens(self, tokens):
         return vocab_parallel_embedding(tokens, self.tok_embeddings.weight, self.tp_group)
 
@@ -606,7 +610,7 @@ def generate(model, tokens: list[int], tiles: Tiles | None, max_new_tokens: int,
     model.eval()
     # The cache is sized in buckets of 256 positions so that a compiled step sees few distinct shapes.
     llm.setup_cache(1, min(llm.cfg.max_seq_len, -(-total // 256) * 256))
-    step = compiled_step(llm) if compile else (lambda t, p: llm(t, start_pos=p)[0])
+    step = compiled_step(llm) if compile else llm.decode_step
     try:
         logits, _ = llm(embeds=embeds, last_only=True)
         pos, out = embeds.shape[1], []
@@ -630,11 +634,11 @@ def compiled_step(llm: Transformer):
     """The one-token decode step under torch.compile (as gpt-fast): at batch 1 the eager step is
     ~100 small ops whose dispatch costs more than the arithmetic; compiled, they fuse into a few
     kernels. Compiled once per model (tens of seconds on a CPU, cached on disk by inductor), so it
-    pays off for long answers and chats. Single process only."""
+    pays off for long answers and chats."""
     if llm.tp_group is not None:
         raise ValueError("compile=True is for single-process generation (the step would trace TP collectives)")
     if getattr(llm, "_compiled_step", None) is None:
-        llm._compiled_step = torch.compile(lambda t, p: llm(t, start_pos=p)[0], dynamic=True)
+        llm._compiled_step = torch.compile(llm.decode_step, dynamic=True)
     return llm._compiled_step
 
 
