@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -590,6 +591,25 @@ def score(task: str, generated: str, reference: str) -> float:
             left.remove(hit)
         return 1.0
     return float(gen.lower() == ref.lower())
+
+
+def text_only_baseline(train: list[Sample], held_out: list[Sample]) -> dict[str, tuple[float, int]]:
+    """Per task (right, n) when every held-out question gets the answer most often given to the same
+    question in `train` (a question never seen gets its task's most common answer). This is what
+    answering without looking at the image scores: the floor a model must beat to show it sees."""
+    by_question, by_task = {}, {}
+    for s in train:
+        for q, a in s.turns:
+            by_question.setdefault(q, Counter())[a] += 1
+            by_task.setdefault(s.task, Counter())[a] += 1
+    out = {t: [0.0, 0] for t in TASKS}
+    for s in held_out:
+        q, ref = s.turns[-1]
+        counts = by_question.get(q) or by_task.get(s.task)
+        right_n = out.setdefault(s.task, [0.0, 0])
+        right_n[0] += score(s.task, counts.most_common(1)[0][0] if counts else "", ref)
+        right_n[1] += 1
+    return {t: (right, n) for t, (right, n) in out.items()}
 
 
 def eval_samples(seed: int, n: int, canvas: int) -> list[Sample]:

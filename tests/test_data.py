@@ -260,3 +260,18 @@ def test_scoring_helpers():
     assert D.score("detection", "green circle [0.12, 0.11, 0.5, 0.52], blue square [0.6, 0.6, 0.9, 0.9]", ref) == 0.0
     assert D.score("grounding", "[0.40, 0.40, 0.80, 0.80]", "[0.1, 0.1, 0.5, 0.5]") == 0.0
     assert D.score("vqa", " red. ", "Red.") == 1.0 and D.score("vqa", "Blue.", "Red.") == 0.0
+
+
+def test_text_only_baseline_answers_each_question_with_its_most_common_training_answer():
+    def s(task, q, a):
+        return D.Sample([(q, a)], task=task, source="t")
+    color, count, where = "What color is the square?", "How many shapes are there?", "Where is the red circle?"
+    train = ([s("vqa", color, "Red.")] * 3 + [s("vqa", color, "Blue.")] * 2 + [s("vqa", count, "2.")]
+             + [s("grounding", where, "[0.10, 0.10, 0.50, 0.50]")] * 2 + [s("grounding", where, "[0.60, 0.60, 0.90, 0.90]")])
+    held_out = [s("vqa", color, "Red."), s("vqa", color, "Blue."),
+                s("vqa", "What shape is the red object?", "Red."),          # unseen: the task's most common answer
+                s("grounding", where, "[0.12, 0.10, 0.50, 0.52]"),          # scored by IoU like the model
+                s("caption", "Describe the image briefly.", "A red circle.")]  # no training answer at all
+    got = D.text_only_baseline(train, held_out)
+    assert got["vqa"] == (2.0, 3) and got["grounding"] == (1.0, 1) and got["caption"] == (0.0, 1)
+    assert got["som"] == (0.0, 0)

@@ -185,3 +185,21 @@ def test_image_reliance_swaps_images_within_a_layout(tokenizer, monkeypatch):
     assert own0 == other0
     pairs = list(zip(seen[::2], seen[1::2]))                 # (own, other) per evaluated sample
     assert pairs and all(a is not b and a.fully_padded == b.fully_padded for a, b in pairs)
+
+
+def test_run_ends_with_per_task_evaluation_beside_the_text_only_baseline(tokenizer, tmp_path, capsys):
+    res = T.train(T.parse_args(COMMON + ["--steps", "1", "--eval-samples", "14", "--tokenizer", tokenizer,
+                                         "--out", str(tmp_path / "run")]))
+    out = capsys.readouterr().out
+    printed = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in D.TASKS and "text-only baseline" in line:
+            printed[parts[0]] = line
+    evaluated = {t for t, (_, n) in res["eval"].items() if n}
+    assert evaluated and set(printed) == evaluated
+    for task in evaluated:
+        right, n = res["eval"][task]
+        blind, n_blind = res["text_only_baseline"][task]
+        assert n_blind == n and f"({int(right)}/{int(n)}; text-only baseline {blind / n:.1%})" in printed[task]
+    assert "image reliance: held-out answer loss" in out
