@@ -615,3 +615,9 @@ def text_only_baseline(train: list[Sample], held_out: list[Sample]) -> dict[str,
 def eval_samples(seed: int, n: int, canvas: int) -> list[Sample]:
     """The first n samples of the held-out synthetic split."""
     return [synthetic_sample(seed, "eval", i, canvas) for i in range(n)]
+
+
+def train_samples(seed: int, n: int, canvas: int) -> list[Sample]:
+    """The first n samples of the synthetic training stream, as a synthetic run draws them."""
+    src = SampleSource([{"path": "synthetic", "ratio": 1}], seed, canvas)
+    return [src.next() for _ in range(n)]

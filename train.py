@@ -278,8 +278,7 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphi
 
 
 def tokenizer_corpus(seed: int, canvas: int, n: int = 4000):
-    src = D.SampleSource([{"path": "synthetic", "ratio": 1}], seed, canvas)
-    return [D.prompt_text(src.next().turns + [("", None)]) for _ in range(n)]
+    return [D.prompt_text(s.turns + [("", None)]) for s in D.train_samples(seed, n, canvas)]
 
 
 def get_tokenizer(args, mesh, cfg) -> D.Tokenizer:
@@ -557,8 +556,7 @@ def train(args) -> dict:
         scores = evaluate(model, tok, mesh, held_out)
         if mesh.is_main:
             # The floor to beat: each question answered from synthetic training samples' text alone.
-            src = D.SampleSource([{"path": "synthetic", "ratio": 1}], args.seed, cfg.canvas)
-            blind = D.text_only_baseline([src.next() for _ in range(BASELINE_SAMPLES)], held_out)
+            blind = D.text_only_baseline(D.train_samples(args.seed, BASELINE_SAMPLES, cfg.canvas), held_out)
             log(f"held-out evaluation (greedy; box tasks: every box at IoU >= 0.5; text-only baseline: each "
                 f"question's most common answer in {BASELINE_SAMPLES:,} training samples, image unseen):")
             for task, (right, n) in scores.items():
