@@ -364,12 +364,23 @@ def _phrase_list(items):
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _tasks_for(rng, img, objects, word, canvas):
-    """(task, turns, truth) for one scene."""
+def scene_text(objects, word, photo_size, canvas) -> str:
+    """The scene written out in the detection answer's words and boxes, the word (if any) last:
+    what the LLM base reads in place of the picture (pretrain.py)."""
+    box = lambda b: format_box(photo_to_canvas(b, photo_size, canvas))
+    parts = [f"{o['color']} {o['shape']} {box(o['box'])}" for o in objects]
+    return ", ".join(parts + ([f"the word {word['text']} {box(word['box'])}"] if word else [])) or "an empty background"
+
+
+def _tasks_for(rng, img, objects, word, canvas, exclude=()):
+    """(task, turns) for one scene: a task drawn from those it allows, less `exclude`."""
     box = lambda b: format_box(photo_to_canvas(b, img.size, canvas))
     center = lambda b: format_box(photo_to_canvas([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2], img.size, canvas))
     name = lambda o: f"{o['color']} {o['shape']}"
     choices = ["caption", "vqa"] + (["grounding", "detection", "som"] if objects else []) + (["ocr"] if word else [])
+    choices = [c for c in choices if c not in exclude]
+    if not choices:
+        return None, []
     task = rng.choice(choices)
     if task == "caption":
         parts = [("an " if o["color"][0] in "aeiou" else "a ") + name(o) for o in objects] + ([f"the word {word['text']}"] if word else [])
@@ -393,7 +404,7 @@ def _tasks_for(rng, img, objects, word, canvas):
         o = rng.choice(objects)
         return task, [(REC_PROMPT.format(f"the {name(o)}"), box(o["box"]))]
     if task == "detection":
-        return task, [("Detect all the objects in the image.", ", ".join(f"{name(o)} {box(o['box'])}" for o in objects))]
+        return task, [("Detect all the objects in the image.", scene_text(objects, None, img.size, canvas))]
     if task == "ocr":
         return task, [("What text is written in the image? Answer with the text and its box.",
                        f"{word['text']} {box(word['box'])}")]
@@ -418,7 +429,11 @@ def _language_turns(rng):
     return rng.sample(DIALOG, rng.randint(1, 2))
 
 
-def synthetic_sample(seed: int, split: str, index: int, canvas: int) -> Sample:
+def synthetic_sample(seed: int, split: str, index: int, canvas: int, tasks_per_image: int = 1) -> Sample:
+    """Sample `index` of a split. tasks_per_image > 1: a scene's conversation continues with up to that
+    many different tasks about the same picture (more supervision per encoded image, as multi-turn
+    conversations in the paper's data); held-out samples keep one task, so the scored answer never
+    follows another task's answer about the same scene."""
     for attempt in range(1000):
         rng = random.Random(f"{seed}:{split}:{index}:{attempt}")
         if rng.random() < 1 / len(TASKS):
@@ -430,6 +445,14 @@ def synthetic_sample(seed: int, split: str, index: int, canvas: int) -> Sample:
             truth = {"objects": objects, "word": word}
             key = json.dumps([img.size, objects, word, task, turns])
         if (int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10 == 0) == (split == "eval"):
+            truth["turn_tasks"] = [task] * len(turns)
+            if img is not None and tasks_per_image > 1:
+                # Drawn after the split is decided: a scene's split depends on its first task only.
+                more = random.Random(f"{seed}:{split}:{index}:more")
+                for _ in range(more.randint(1, tasks_per_image) - 1):
+                    t, extra = _tasks_for(more, img, objects, word, canvas, exclude=truth["turn_tasks"])
+                    turns = turns + extra
+                    truth["turn_tasks"] += [t] * len(extra)
             return Sample(turns, task=task, source=f"synthetic:{split}:{index}", image=img,
                           image_size=img.size if img else None, truth=truth)
     raise RuntimeError("unreachable: a tenth of all scenes are eval scenes")
@@ -442,7 +465,7 @@ class SampleSource:
     lists, so a run can save and resume its exact position."""
 
     def __init__(self, entries: list[dict], seed: int, canvas: int, split: str = "train", skips: Skips | None = None):
-        self.seed, self.canvas, self.split = seed, canvas, split
+        self.seed, self.canvas, self.split, self.entries = seed, canvas, split, entries
         self.skips = skips or Skips()
         self.datasets = [e["path"] if e["path"] == "synthetic" else
                          load_dataset(e["path"], e.get("image_root"), self.skips) for e in entries]
@@ -468,7 +491,7 @@ class SampleSource:
         ds, k = self.datasets[i], self.cursors[i]
         self.cursors[i] += 1
         if ds == "synthetic":
-            return synthetic_sample(self.seed, self.split, k, self.canvas)
+            return synthetic_sample(self.seed, self.split, k, self.canvas, int(self.entries[i].get("tasks_per_image", 1)))
         sample = ds[self._order(i)[k]]
         if self.cursors[i] == len(ds):
             self.cursors[i], self.epochs[i] = 0, self.epochs[i] + 1
@@ -599,9 +622,9 @@ def text_only_baseline(train: list[Sample], held_out: list[Sample]) -> dict[str,
     answering without looking at the image scores: the floor a model must beat to show it sees."""
     by_question, by_task = {}, {}
     for s in train:
-        for q, a in s.turns:
+        for (q, a), task in zip(s.turns, s.truth.get("turn_tasks") or [s.task] * len(s.turns)):
             by_question.setdefault(q, Counter())[a] += 1
-            by_task.setdefault(s.task, Counter())[a] += 1
+            by_task.setdefault(task, Counter())[a] += 1
     out = {t: [0.0, 0] for t in TASKS}
     for s in held_out:
         q, ref = s.turns[-1]
@@ -617,7 +640,31 @@ def eval_samples(seed: int, n: int, canvas: int) -> list[Sample]:
     return [synthetic_sample(seed, "eval", i, canvas) for i in range(n)]
 
 
-def train_samples(seed: int, n: int, canvas: int) -> list[Sample]:
+def eval_per_task(seed: int, per_task: int, canvas: int) -> list[Sample]:
+    """The first per_task held-out samples of every task, in held-out order."""
+    out, counts, i = [], Counter(), 0
+    while min(counts[t] for t in TASKS) < per_task:
+        s = synthetic_sample(seed, "eval", i, canvas)
+        i += 1
+        if counts[s.task] < per_task:
+            counts[s.task] += 1
+            out.append(s)
+    return out
+
+
+def train_samples(seed: int, n: int, canvas: int, tasks_per_image: int = 1) -> list[Sample]:
     """The first n samples of the synthetic training stream, as a synthetic run draws them."""
-    src = SampleSource([{"path": "synthetic", "ratio": 1}], seed, canvas)
+    src = SampleSource([{"path": "synthetic", "ratio": 1, "tasks_per_image": tasks_per_image}], seed, canvas)
     return [src.next() for _ in range(n)]
+
+
+
+if __name__ == "__main__":
+    # python data.py eval 3 docs/scene.png: save synthetic sample 3 of a split (seed 0) as an image file.
+    import sys
+    split, index, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    s = synthetic_sample(0, split, index, 128)
+    if s.image is None:
+        sys.exit(f"{split} sample {index} is a language-only sample (no image)")
+    s.image.save(path)
+    print(f"{path}: {split} sample {index} ({s.task}): {s.turns}")

@@ -8,6 +8,7 @@ Parameter names follow the LLaMA2-Accessory reference code (wq/wk/wv/wo, w1/w2/w
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -69,7 +70,8 @@ LLM_CONFIGS: dict[str, ModelConfig] = {
                                 ffn_dim=14336, rope_theta=1e6, max_seq_len=32768, n_experts=8, top_k=2),
     "tiny": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, ffn_dim=688,
                         max_seq_len=1024, tie_embeddings=True),
-    "tiny-moe": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, ffn_dim=344,
+    # Experts as wide as tiny's FFN: each starts as a copy of it (sparse upcycling from the tiny base).
+    "tiny-moe": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, ffn_dim=688,
                             max_seq_len=1024, tie_embeddings=True, n_experts=4, top_k=2),
 }
 
@@ -583,6 +585,48 @@ def load_sphinx(path, device="cpu", dtype=torch.float32, **overrides) -> Sphinx:
     load_state_strict(model, iter_safetensors([path]), dtype=dtype, device=device, where=str(path))
     model.mov.freeze_encoders()
     return model
+
+
+BASE_PARTS = ("llm.", "mov.convnext.", "mov.vit.")
+
+
+def save_base(path, model: Sphinx, summary: dict):
+    """The pretrained parts of a CPU size (pretrain.py): LLM and both encoders, no projector or tags."""
+    state = {k: v for k, v in unique_state_dict(model).items() if k.startswith(BASE_PARTS)}
+    save_safetensors_atomic(path, state, {"format": "sphinx-x-base", "config": json.dumps(asdict(model.cfg)),
+                                          "summary": json.dumps(summary)})
+
+
+def upcycle(name: str, t: torch.Tensor, cfg: ModelConfig):
+    """Sparse upcycling: a dense FFN weight becomes every expert's copy of it (the router stays fresh),
+    so the MoE model starts out computing exactly the dense one (top-k weights sum to 1)."""
+    if cfg.n_experts and ".feed_forward.w" in name and name.endswith(".weight"):
+        return [(name.removesuffix(".weight"), t.expand(cfg.n_experts, *t.shape))]
+    return [(name, t)]
+
+
+def load_base(path, cfg: SphinxConfig, device="cpu", dtype=torch.float32) -> Sphinx:
+    """A fresh Sphinx (projector, image tags and skip token newly initialised, as the paper's one-stage
+    tuning starts) whose LLM and encoders come from a base file. A dense base fills a MoE LLM by upcycling."""
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") != "sphinx-x-base":
+        raise CheckpointError(f"{path}: not a sphinx-x base (format {meta.get('format')!r}); make one with pretrain.py")
+    base = sphinx_config_from_json(meta["config"])
+    want = replace(cfg, llm=replace(cfg.llm, n_experts=0, top_k=2, ffn_dim=base.llm.ffn_dim))
+    if (base.llm, base.convnext, base.vit) != (want.llm, want.convnext, want.vit):
+        raise CheckpointError(f"{path}: its LLM/encoder config differs from the model's:\n  base  {base}\n  model {cfg}")
+    model = build_sphinx(cfg, device, dtype)
+    parts = nn.ModuleDict({"llm": model.llm, "mov": nn.ModuleDict({"convnext": model.mov.convnext, "vit": model.mov.vit})})
+    expand = (lambda n, t: upcycle(n, t, cfg.llm)) if cfg.llm.n_experts else None
+    fresh_routers = [(n, t.detach().clone()) for n, t in parts.state_dict().items() if n.endswith(".gate.weight")]
+    load_state_strict(parts, itertools.chain(iter_safetensors([path]), fresh_routers), expand=expand,
+                      dtype=dtype, device=device, where=str(path))
+    model.mov.freeze_encoders()
+    return model
+
+
+def base_summary(path) -> dict:
+    return json.loads(read_safetensors_metadata(path).get("summary", "{}"))
 
 
 # ----------------------------------------------------------------------------- generation

@@ -39,11 +39,16 @@ RECIPES = {
 }
 
 
+DEFAULT_BASE = Path(__file__).resolve().parent / "base" / "tiny.safetensors"   # shipped; pretrain.py remakes it
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", help=f"one of {', '.join(M.SIZES)}")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (the rest are data-parallel)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a mixture JSON file")
+    p.add_argument("--tasks-per-image", type=int, default=1,
+                   help="synthetic data: up to this many tasks in one conversation about a picture")
     p.add_argument("--out", default=None, help="run directory (default out/<size>)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="effective (global) batch in samples")
@@ -53,10 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="tokenizer file (the paper sizes); CPU sizes train one")
     p.add_argument("--init", default=None, help="a sphinx-x checkpoint to start from")
+    p.add_argument("--base", default=None,
+                   help="pretrained LLM + encoders (pretrain.py) for a CPU size; default base/tiny.safetensors")
+    p.add_argument("--from-scratch", action="store_true", help="CPU sizes: random LLM and encoders, no base")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-samples", type=int, default=140, help="held-out samples evaluated at the end")
+    p.add_argument("--eval-per-task", type=int, default=40, help="held-out samples per task evaluated at the end")
     p.add_argument("--aux-weight", type=float, default=0.01, help="MoE load-balancing loss weight")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--bucket-mb", type=float, default=32.0, help="ZeRO-2 bucket size")
@@ -72,6 +80,10 @@ def parse_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = Path(args.out or f"out/{args.size}")
+    if args.size.startswith("tiny") and not (args.from_scratch or args.init or args.base):
+        args.base = str(DEFAULT_BASE)
+    if args.base and not Path(args.base).exists():
+        p.error(f"no base at {args.base}; make it with `python pretrain.py` or pass --from-scratch")
     return args
 
 
@@ -264,9 +276,15 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 # ----------------------------------------------------------------------------- model and tokenizer
 
 def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphinx:
-    """Every rank builds the same full model from the seed (or a checkpoint), then keeps its TP shard."""
+    """Every rank builds the same full model from the seed (a checkpoint, or the base with a fresh
+    projector), then keeps its TP shard."""
     torch.manual_seed(args.seed)
-    full = M.load_sphinx(init_path) if init_path else M.build_sphinx(cfg)
+    if init_path:
+        full = M.load_sphinx(init_path)
+    elif args.base:
+        full = M.load_base(args.base, cfg)
+    else:
+        full = M.build_sphinx(cfg)
     if mesh.tp == 1:
         model = full
     else:
@@ -282,11 +300,18 @@ def tokenizer_corpus(seed: int, canvas: int, n: int = 4000):
 
 
 def get_tokenizer(args, mesh, cfg) -> D.Tokenizer:
-    """The paper sizes take their LLM's tokenizer; CPU sizes train a byte-level BPE on the synthetic
-    corpus (rank 0 trains it into the run directory, the others read it)."""
-    if args.tokenizer:
-        return D.Tokenizer(args.tokenizer)
+    """The paper sizes take their LLM's tokenizer, a run from a base the base's; from scratch, CPU sizes
+    train a byte-level BPE on the synthetic corpus (rank 0 trains it into the run directory, the others
+    read it). The run directory always gets a copy, for sample.py."""
     path = args.out / "tokenizer.json"
+    given = args.tokenizer or (Path(args.base).parent / "tokenizer.json" if args.base else None)
+    if given:
+        if not Path(given).exists():
+            raise SystemExit(f"no tokenizer at {given}")
+        if mesh.is_main and Path(given).suffix == ".json" and Path(given).resolve() != path.resolve():
+            shutil.copyfile(given, path)
+        barrier(mesh)
+        return D.Tokenizer(given)
     if not path.exists():
         if not args.size.startswith("tiny"):
             raise SystemExit(f"--size {args.size} needs --tokenizer (its LLM's tokenizer.model or tokenizer.json)")
@@ -477,7 +502,8 @@ def train(args) -> dict:
         raise SystemExit(f"--batch {args.batch} must be a multiple of micro-batch {args.micro_batch} x DP {mesh.dp}")
     accum = args.batch // (args.micro_batch * mesh.dp)
     skips = D.Skips(args.bad_input)
-    entries = [{"path": "synthetic", "ratio": 1.0}] if args.data == "synthetic" else D.read_mixture(args.data)
+    entries = ([{"path": "synthetic", "ratio": 1.0, "tasks_per_image": args.tasks_per_image}] if args.data == "synthetic"
+               else D.read_mixture(args.data))
     source = D.SampleSource(entries, args.seed, cfg.canvas, skips=skips)
     # The batcher's unit is the whole global batch, so its composition does not depend on DP or accumulation.
     batcher = D.Batcher(source, tok, model.layout, args.max_len, args.batch, rank=mesh.dp_rank, world=mesh.dp)
@@ -549,14 +575,15 @@ def train(args) -> dict:
     if skips.reasons:
         log(skips.report())
     result = {"losses": losses, "mesh": mesh, "model": model, "opt": opt, "throughput": throughput}
-    if args.eval_samples:
+    if args.eval_per_task:
         if is_moe:
             track_usage(model)
-        held_out = D.eval_samples(args.seed, args.eval_samples, cfg.canvas)
+        held_out = D.eval_per_task(args.seed, args.eval_per_task, cfg.canvas)
         scores = evaluate(model, tok, mesh, held_out)
         if mesh.is_main:
             # The floor to beat: each question answered from synthetic training samples' text alone.
-            blind = D.text_only_baseline(D.train_samples(args.seed, BASELINE_SAMPLES, cfg.canvas), held_out)
+            blind = D.text_only_baseline(
+                D.train_samples(args.seed, BASELINE_SAMPLES, cfg.canvas, args.tasks_per_image), held_out)
             log(f"held-out evaluation (greedy; box tasks: every box at IoU >= 0.5; text-only baseline: each "
                 f"question's most common answer in {BASELINE_SAMPLES:,} training samples, image unseen):")
             for task, (right, n) in scores.items():
@@ -566,7 +593,7 @@ def train(args) -> dict:
             result["text_only_baseline"] = blind
         own, other = image_reliance(model, tok, mesh, held_out)
         log(f"image reliance: held-out answer loss {own:.3f} with each sample's own image, {other:.3f} with "
-            f"another sample's image ({other - own:+.3f}; 0 means the answers ignore the image)")
+            f"another sample's image (ratio {own / max(other, 1e-9):.2f}; 1 means the answers ignore the image)")
         if is_moe:
             log("expert usage during evaluation:\n" + usage_report(model))
         result["eval"], result["image_reliance"] = scores, (own, other)

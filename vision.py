@@ -150,7 +150,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch, stride=cfg.patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, cfg.dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, cfg.dim))  # unused here; in every DINOv2 checkpoint
+        self.mask_token = nn.Parameter(torch.zeros(1, cfg.dim))  # stands in for masked patches (pretrain.py)
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
 
@@ -167,10 +167,13 @@ class ViT(nn.Module):
         grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(self.pos_embed.dtype)
         return torch.cat([self.pos_embed[:, :1], grid], dim=1)
 
-    def forward(self, x):
-        """(B, 3, H, W) -> final-norm tokens (B, 1 + H/p * W/p, dim), cls first."""
+    def forward(self, x, mask=None):
+        """(B, 3, H, W) -> final-norm tokens (B, 1 + H/p * W/p, dim), cls first. mask (B, H/p * W/p),
+        True where a patch is hidden: its embedding is replaced by mask_token (DINOv2/iBOT masking)."""
         gh, gw = x.shape[2] // self.cfg.patch, x.shape[3] // self.cfg.patch
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.positions(gh, gw)
         for block in self.blocks:
             x = block(x)
@@ -322,11 +325,13 @@ class MixtureOfVisualExperts(nn.Module):
             if name.endswith(("gamma", "ls1", "ls2")):
                 nn.init.ones_(p)
 
-    @torch.no_grad()
-    def encode_frozen(self, views):
-        S = views.shape[-1]
-        vit_tokens = self.vit(normalize(views, IMAGENET_MEAN, IMAGENET_STD))
-        g = S // self.vit.cfg.patch
+    def vit_tokens(self, views, mask=None):
+        """(N, 1 + g*g, vit dim): DINOv2 sees ImageNet-normalised views."""
+        return self.vit(normalize(views, IMAGENET_MEAN, IMAGENET_STD), mask)
+
+    def convnext_tokens(self, views):
+        """(N, 1 + g*g, convnext dim) on the ViT's g x g grid; the cls is the mean of the grid."""
+        S, g = views.shape[-1], views.shape[-1] // self.vit.cfg.patch
         x = normalize(views, CLIP_MEAN, CLIP_STD)
         size = self.convnext.cfg.input_size
         if size and size != S:
@@ -334,9 +339,12 @@ class MixtureOfVisualExperts(nn.Module):
         cmap = self.convnext(x)
         if cmap.shape[-2:] != (g, g):
             cmap = F.interpolate(cmap, size=(g, g), mode="bilinear", align_corners=False)
-        conv_tokens = cmap.flatten(2).transpose(1, 2)
-        conv_tokens = torch.cat([conv_tokens.mean(1, keepdim=True), conv_tokens], dim=1)
-        return torch.cat([conv_tokens, vit_tokens], dim=-1)
+        tokens = cmap.flatten(2).transpose(1, 2)
+        return torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
+
+    @torch.no_grad()
+    def encode_frozen(self, views):
+        return torch.cat([self.convnext_tokens(views), self.vit_tokens(views)], dim=-1)
 
     def forward(self, views):
         return self.proj(self.encode_frozen(views))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import data as D
 import train as T
 
-COMMON = ["--size", "tiny", "--batch", "4", "--micro-batch", "2", "--max-len", "320", "--eval-samples", "0",
+COMMON = ["--size", "tiny", "--batch", "4", "--micro-batch", "2", "--max-len", "320", "--eval-per-task", "0", "--from-scratch",
           "--log-every", "1", "--lr", "2e-3", "--seed", "3"]
 
 
@@ -188,7 +188,7 @@ def test_image_reliance_swaps_images_within_a_layout(tokenizer, monkeypatch):
 
 
 def test_run_ends_with_per_task_evaluation_beside_the_text_only_baseline(tokenizer, tmp_path, capsys):
-    res = T.train(T.parse_args(COMMON + ["--steps", "1", "--eval-samples", "14", "--tokenizer", tokenizer,
+    res = T.train(T.parse_args(COMMON + ["--steps", "1", "--eval-per-task", "2", "--tokenizer", tokenizer,
                                          "--out", str(tmp_path / "run")]))
     out = capsys.readouterr().out
     printed = {}
@@ -203,3 +203,23 @@ def test_run_ends_with_per_task_evaluation_beside_the_text_only_baseline(tokeniz
         blind, n_blind = res["text_only_baseline"][task]
         assert n_blind == n and f"({int(right)}/{int(n)}; text-only baseline {blind / n:.1%})" in printed[task]
     assert "image reliance: held-out answer loss" in out
+
+
+def test_tiny_run_starts_from_the_shipped_base_with_a_fresh_projector(tmp_path):
+    out = tmp_path / "from_base"
+    argv = [a for a in COMMON if a != "--from-scratch"] + ["--steps", "1", "--lr", "1e-12", "--out", str(out)]
+    args = T.parse_args(argv)
+    assert args.base == str(T.DEFAULT_BASE)
+    T.train(args)
+    assert (out / "tokenizer.json").read_bytes() == (T.DEFAULT_BASE.parent / "tokenizer.json").read_bytes()
+    saved, base = load_file(str(out / "model.safetensors")), load_file(str(T.DEFAULT_BASE))
+    for k, v in base.items():                                  # one step at lr 1e-12: still the base
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=1e-6)
+    assert {k for k in saved if k not in base} >= {"skip_token", "begin_of_image", "mov.proj.0.weight"}
+
+
+def test_a_missing_base_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--size", "tiny", "--base", str(tmp_path / "nope.safetensors")])
+    err = capsys.readouterr().err
+    assert "no base at" in err and "python pretrain.py" in err

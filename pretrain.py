@@ -1,0 +1,420 @@
+"""The tiny base: pretrained parts for the CPU sizes, made the way the paper's parts were made.
+
+    python pretrain.py                  # -> base/tiny.safetensors + base/tokenizer.json (~1 h on 2 cores)
+
+SPHINX-X (arXiv 2402.05935, Sec. 3) never trains an LLM or a vision encoder from scratch: it tunes a
+pretrained LLM (TinyLlama, InternLM2, LLaMA-2, Mixtral) on top of frozen pretrained encoders
+(CLIP-ConvNeXt, DINOv2). A from-scratch tiny model trained for 10 CPU minutes learns only the answer
+priors, so the CPU sizes get a base made by this script, one stage per part:
+
+  1. tokenizer  byte-level BPE on the synthetic world's text (the tuning reuses it).
+  2. LLM        next-token prediction on the world *as text*: each scene written out in the detection
+                answer's words and boxes where the picture will later sit (right after BOS), then a
+                conversation about it in the chat template; language-only tasks too. It learns the
+                words, the answer formats, arithmetic and copying from context before it sees a pixel.
+  3. ConvNeXt   CLIP-style: contrastive view <-> caption (colour, shape and coarse place of what the
+                view shows), against a small text tower that is thrown away afterwards.
+  4. ViT        masked-image modelling, as DINOv2's iBOT masks patches: hidden patches become the
+                mask token and their pixels are regressed from the output tokens (SimMIM); the
+                pixel head is thrown away.
+  5. probes     linear probes of the frozen features (colour, shape and box of what each grid cell
+                shows), random init vs pretrained, printed and stored in the file's metadata.
+
+Stages 1-2 read only the training split of the synthetic world (data.py keeps held-out scenes out of it).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data as D
+import model as M
+from checkpoint import save_safetensors_atomic
+from tiling import photo_to_canvas, tile
+
+RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, clip_steps=400, mim_steps=400, vis_batch=128,
+              vis_lr=2e-3, seed=1000)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="tiny", choices=[s for s in M.SIZES if s.startswith("tiny")])
+    p.add_argument("--out", default="base", help="directory for <size>.safetensors and tokenizer.json")
+    for k, v in RECIPE.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16 autocast for the LLM stage; auto: measure which is faster on this CPU")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--reuse-llm", default=None,
+                   help="a base made with the same LLM recipe: take its tokenizer and LLM, redo only the encoders "
+                        "(the LLM stage does not depend on the vision stages)")
+    return p.parse_args(argv)
+
+
+def pick_autocast(choice: str) -> bool:
+    """bf16 autocast if asked, or (auto) if a 1024^3 bf16 matmul is clearly faster than fp32 here:
+    AVX-512-BF16 CPUs run it ~4x faster, AVX2-only ones ~100x slower."""
+    if choice != "auto":
+        return choice == "bf16"
+
+    def best(dtype):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ b
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+    return best(torch.bfloat16) < 0.67 * best(torch.float32)
+
+
+# ----------------------------------------------------------------------------- 1-2: tokenizer and LLM
+
+def text_form(sample: D.Sample, canvas: int) -> str:
+    """A synthetic sample as the LLM base reads it: the scene in words where the image block goes."""
+    body = "".join(t for t, _ in D.render(sample.turns))
+    if sample.image is None:
+        return body
+    t = sample.truth
+    return D.scene_text(t["objects"], t["word"], sample.image.size, canvas) + ".\n" + body
+
+
+def base_texts(seed: int, start: int, n: int, canvas: int) -> list[str]:
+    return [text_form(D.synthetic_sample(seed, "train", i, canvas), canvas) for i in range(start, start + n)]
+
+
+def lm_batch(tok: D.Tokenizer, texts: list[str]):
+    """BOS + text, right-padded; loss on every real next token."""
+    ids = [[tok.bos_id] + tok.encode(t) for t in texts]
+    T = max(map(len, ids))
+    x = torch.tensor([s + [tok.eos_id] * (T - len(s)) for s in ids])
+    y = torch.tensor([s[1:] + [D.IGNORE_INDEX] * (T - len(s) + 1) for s in ids])
+    return x, y
+
+
+def lr_at(step, total, peak, warmup=0.02):
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (step - warm) / max(1, total - warm))).item())
+
+
+def train_llm(llm: M.Transformer, tok, args, canvas: int, autocast: bool, log) -> list[float]:
+    opt = torch.optim.AdamW(llm.parameters(), lr=args.llm_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    llm.train()
+    losses, t0 = [], time.perf_counter()
+    for step in range(args.llm_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.llm_steps, args.llm_lr)
+        x, y = lm_batch(tok, base_texts(args.seed, step * args.llm_batch, args.llm_batch, canvas))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, loss = llm(x, targets=y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.llm_steps:
+            dt = time.perf_counter() - t0
+            log(f"llm  step {step + 1:5d}/{args.llm_steps} | loss {sum(losses[-args.log_every:]) / len(losses[-args.log_every:]):.4f} | "
+                f"{(step + 1) * args.llm_batch / dt:.0f} samples/s | ETA {dt / (step + 1) * (args.llm_steps - step - 1) / 60:.1f} min")
+    return losses
+
+
+@torch.no_grad()
+def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20) -> dict:
+    """Greedy answers to held-out questions with the scene given as text: what the LLM base can do
+    once it knows the scene (the upper bound the tuning reaches for when the picture replaces the text)."""
+    scores = {}
+    for s in D.eval_per_task(seed, per_task, canvas):
+        *prev, (q, ref) = s.turns
+        held = D.Sample(prev + [(q, None)], s.task, image=s.image, truth=s.truth)
+        prompt = text_form(held, canvas)
+        ids = list(M.generate(llm, [tok.bos_id] + tok.encode(prompt), None, 48, stop_ids=(tok.eos_id,),
+                              stop_text="\n" + D.SEP, decode=tok.decode))
+        got = tok.decode(ids).removesuffix("\n" + D.SEP).strip()
+        r = scores.setdefault(s.task, [0, 0])
+        r[0] += D.score(s.task, got, ref)
+        r[1] += 1
+    return {t: r / n for t, (r, n) in scores.items()}
+
+
+# ----------------------------------------------------------------------------- views and their contents
+
+def view_contents(sample: D.Sample, canvas: int, grid: int):
+    """Per encoded view: [(colour or 'text', shape or 'word', box in view coordinates)], objects whose
+    centre lies in the view. View 0 is the whole canvas, then the sub-images row-major (tiling.py)."""
+    t = sample.truth
+    things = [(o["color"], o["shape"], o["box"]) for o in t["objects"]]
+    if t["word"]:
+        things.append(("text", "word", t["word"]["box"]))
+    out = []
+    for v in range(1 + grid * grid):
+        scale, (ox, oy) = (1, (0, 0)) if v == 0 else (grid, ((v - 1) % grid, (v - 1) // grid))
+        inside = []
+        for colour, shape, box in things:
+            b = [c * scale - (ox if i % 2 == 0 else oy) for i, c in enumerate(photo_to_canvas(box, sample.image.size, canvas))]
+            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+            if 0 <= cx < 1 and 0 <= cy < 1:
+                inside.append((colour, shape, b))
+        out.append(inside)
+    return out
+
+
+PLACES = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
+
+
+def caption(contents) -> str:
+    """What CLIP's alt-text would say about one view: 'red circle top left, the word CUP center'."""
+    parts = []
+    for colour, shape, b in contents:
+        place = PLACES[min(2, int(1.5 * (b[1] + b[3])))][min(2, int(1.5 * (b[0] + b[2])))]
+        parts.append(f"{'the word' if shape == 'word' else colour + ' ' + shape} {place}")
+    return ", ".join(parts) or "nothing"
+
+
+def view_batch(seed: int, split: str, start: int, n_views: int, canvas: int, grid: int):
+    """(views (N, 3, S, S), contents per view) from consecutive scenes; fully padded views are left out
+    (the model never encodes them)."""
+    views, contents, i = [], [], start
+    while len(views) < n_views:
+        s = D.synthetic_sample(seed, split, i, canvas)
+        i += 1
+        if s.image is None:
+            continue
+        tiles = tile(s.image, canvas, grid)
+        for v, padded, c in zip(tiles.views, tiles.fully_padded, view_contents(s, canvas, grid)):
+            if not padded:
+                views.append(v)
+                contents.append(c)
+    return torch.stack(views[:n_views]), contents[:n_views], i
+
+
+# ----------------------------------------------------------------------------- 3: CLIP-style ConvNeXt
+
+class TextTower(nn.Module):
+    """A small causal text encoder (as CLIP's): the last token's state, projected."""
+
+    def __init__(self, vocab: int, dim: int = 128, layers: int = 2, out: int = 128):
+        super().__init__()
+        self.cfg = M.ModelConfig(dim=dim, n_layers=layers, n_heads=4, n_kv_heads=4, vocab_size=vocab, ffn_dim=4 * dim)
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(M.Block(self.cfg) for _ in range(layers))
+        self.norm = M.RMSNorm(dim, 1e-5)
+        self.proj = nn.Linear(dim, out, bias=False)
+
+    def forward(self, ids, lengths):
+        h = self.embed(ids)
+        cos, sin = M.rope_cos_sin(torch.arange(ids.shape[1]), self.cfg.head_dim, self.cfg.rope_theta)
+        for b in self.blocks:
+            h = b(h, cos, sin)
+        return self.proj(self.norm(h)[torch.arange(len(ids)), lengths - 1])
+
+
+def clip_loss(img, txt, scale, same):
+    """Symmetric InfoNCE; views with identical captions are all positives of each other."""
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    target = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def train_convnext(mov, tok, args, canvas, grid, log) -> list[float]:
+    text = TextTower(tok.vocab_size)
+    head = nn.Linear(mov.convnext.cfg.dims[-1], 128, bias=False)
+    log_scale = nn.Parameter(torch.tensor(2.66))           # CLIP's init: 1/0.07
+    params = list(mov.convnext.parameters()) + list(text.parameters()) + list(head.parameters()) + [log_scale]
+    opt = torch.optim.AdamW(params, lr=args.vis_lr, weight_decay=0.05)
+    mov.convnext.requires_grad_(True).train()
+    losses, nxt, t0 = [], 0, time.perf_counter()
+    for step in range(args.clip_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.clip_steps, args.vis_lr)
+        views, contents, nxt = view_batch(args.seed, "train", nxt, args.vis_batch, canvas, grid)
+        caps = [caption(c) for c in contents]
+        ids = [tok.encode(c) for c in caps]
+        lengths = torch.tensor([len(i) for i in ids])
+        ids = torch.tensor([i + [tok.eos_id] * (int(lengths.max()) - len(i)) for i in ids])
+        same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
+        img = head(mov.convnext_tokens(views)[:, 0])
+        loss = clip_loss(img, text(ids, lengths), log_scale.exp().clamp(max=100), same)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.clip_steps:
+            log(f"clip step {step + 1:5d}/{args.clip_steps} | loss {loss.item():.4f} | "
+                f"{(time.perf_counter() - t0) / (step + 1):.2f} s/step")
+    mov.convnext.requires_grad_(False).eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------- 4: masked-image ViT
+
+def patches(views, p: int):
+    """(N, 3, S, S) -> (N, (S/p)^2, 3 p p), row-major like the ViT's tokens."""
+    N, C, S, _ = views.shape
+    return views.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(N, (S // p) ** 2, C * p * p)
+
+
+def train_vit(mov, args, canvas, grid, log, mask_ratio: float = 0.5) -> list[float]:
+    cfg = mov.vit.cfg
+    head = nn.Linear(cfg.dim, 3 * cfg.patch ** 2)
+    opt = torch.optim.AdamW(list(mov.vit.parameters()) + list(head.parameters()), lr=args.vis_lr, weight_decay=0.05)
+    mov.vit.requires_grad_(True).train()
+    gen = torch.Generator().manual_seed(args.seed)
+    losses, nxt, t0 = [], 0, time.perf_counter()
+    for step in range(args.mim_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.mim_steps, args.vis_lr)
+        views, _, nxt = view_batch(args.seed, "train", nxt, args.vis_batch, canvas, grid)
+        target = patches(views, cfg.patch)
+        n = target.shape[1]
+        mask = torch.rand(len(views), n, generator=gen).argsort(1) < round(mask_ratio * n)
+        pred = head(mov.vit_tokens(views, mask)[:, 1:])
+        loss = F.mse_loss(pred[mask], target[mask])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.mim_steps:
+            log(f"mim  step {step + 1:5d}/{args.mim_steps} | loss {loss.item():.5f} | "
+                f"{(time.perf_counter() - t0) / (step + 1):.2f} s/step")
+    mov.vit.requires_grad_(False).eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------- 5: linear probes
+
+COLOURS = ("none",) + tuple(D.COLORS) + ("text",)
+SHAPES = ("none",) + D.SHAPES + ("word",)
+
+
+def cell_labels(contents, g: int):
+    """Per grid cell of each view: colour id, shape id, and the box (view coordinates) of the thing
+    covering the cell centre (zeros where nothing does)."""
+    col, shp, box = [], [], []
+    for things in contents:
+        for r in range(g):
+            for c in range(g):
+                x, y = (c + 0.5) / g, (r + 0.5) / g
+                hit = next(((cl, sh, b) for cl, sh, b in things if b[0] <= x < b[2] and b[1] <= y < b[3]), None)
+                col.append(COLOURS.index(hit[0]) if hit else 0)
+                shp.append(SHAPES.index(hit[1]) if hit else 0)
+                box.append(hit[2] if hit else [0.0] * 4)
+    return torch.tensor(col), torch.tensor(shp), torch.tensor(box)
+
+
+def ridge(xtr, ytr, xte, lam=1e-3):
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    a, b = (xtr - mu) / sd, (xte - mu) / sd
+    a, b = F.pad(a, (0, 1), value=1.0), F.pad(b, (0, 1), value=1.0)
+    w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ ytr)
+    return b @ w
+
+
+@torch.no_grad()
+def probe(mov, seed: int, canvas: int, grid: int, n_train: int = 1500, n_test: int = 500) -> dict:
+    """Linear probes (ridge regression) of frozen per-cell features, over the grid cells whose centre a
+    thing covers: its colour (7 classes, the word's black included), its shape (4, the word included),
+    and its box: mean absolute error of the four coordinates in canvas pixels."""
+    vtr, ctr, _ = view_batch(seed, "train", 10 ** 7, n_train, canvas, grid)      # scenes no stage trained on
+    vte, cte, _ = view_batch(seed, "eval", 0, n_test, canvas, grid)
+    out = {}
+    feats = {"convnext": lambda v: mov.convnext_tokens(v)[:, 1:], "vit": lambda v: mov.vit_tokens(v)[:, 1:]}
+    ftr = {k: f(vtr).reshape(-1, f(vtr[:1]).shape[-1]).double() for k, f in feats.items()}
+    fte = {k: f(vte).reshape(-1, f(vte[:1]).shape[-1]).double() for k, f in feats.items()}
+    ftr["both"], fte["both"] = torch.cat(list(ftr.values()), 1), torch.cat(list(fte.values()), 1)
+    g = int(round((ftr["vit"].shape[0] / len(vtr)) ** 0.5))
+    (ctr_c, ctr_s, ctr_b), (cte_c, cte_s, cte_b) = cell_labels(ctr, g), cell_labels(cte, g)
+    # View coordinates -> canvas pixels: the global view spans the canvas, a sub-image 1/grid of it.
+    px = torch.tensor([canvas if v % (1 + grid * grid) == 0 else canvas / grid for v in range(len(vte))])
+    px = px.repeat_interleave(g * g)
+    on_tr, on_te = ctr_s > 0, cte_s > 0
+    for k in ftr:
+        # Over the cells a thing covers ('none' is most cells, and easy): which colour, which shape, its box.
+        a, b = ftr[k][on_tr], fte[k][on_te]
+        c = ridge(a, F.one_hot(ctr_c[on_tr], len(COLOURS)).double(), b).argmax(1)
+        s = ridge(a, F.one_hot(ctr_s[on_tr], len(SHAPES)).double(), b).argmax(1)
+        box = ridge(a, ctr_b[on_tr].double(), b)
+        out[k] = {"colour": (c == cte_c[on_te]).double().mean().item(),
+                  "shape": (s == cte_s[on_te]).double().mean().item(),
+                  "box_px": ((box - cte_b[on_te]).abs().mean(1) * px[on_te]).mean().item()}
+    return out
+
+
+def probe_table(before: dict, after: dict) -> str:
+    lines = ["| features | colour acc (random -> pretrained) | shape acc | box error (canvas px) |",
+             "|---|---|---|---|"]
+    for k in before:
+        b, a = before[k], after[k]
+        lines.append(f"| {k} | {b['colour']:.1%} -> {a['colour']:.1%} | {b['shape']:.1%} -> {a['shape']:.1%} | "
+                     f"{b['box_px']:.1f} -> {a['box_px']:.1f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the base
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = lambda *a: print(*a, flush=True)
+    cfg = M.sphinx_config(args.size)
+    if cfg.llm.n_experts:
+        raise SystemExit(f"{args.size}: the MoE size starts from the dense base by sparse upcycling "
+                         "(train.py does it); make the base with --size tiny")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    autocast = pick_autocast(args.dtype)
+    log(f"tiny base for {args.size}: LLM stage in {'bf16 autocast' if autocast else 'fp32'}"
+        f"{' (measured faster on this CPU)' if args.dtype == 'auto' else ''}")
+
+    tok_path = out / "tokenizer.json"
+    reuse = Path(args.reuse_llm) if args.reuse_llm else None
+    if reuse:
+        old = M.base_summary(reuse)
+        if old.get("recipe", {}).get("llm_steps") != args.llm_steps or old["recipe"]["seed"] != args.seed:
+            raise SystemExit(f"{reuse}: made with another LLM recipe ({old.get('recipe')})")
+        if reuse.parent.resolve() != out.resolve():
+            shutil.copyfile(reuse.parent / "tokenizer.json", tok_path)
+        tok = D.Tokenizer(tok_path)
+    else:
+        tok = D.train_tokenizer(base_texts(args.seed, 0, 4000, cfg.canvas), cfg.llm.vocab_size, tok_path)
+    log(f"tokenizer: {tok.vocab_size} tokens -> {tok_path}")
+
+    torch.manual_seed(args.seed)
+    sphinx = M.build_sphinx(cfg)
+    before = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
+    t = time.perf_counter()
+    clip_losses = train_convnext(sphinx.mov, tok, args, cfg.canvas, cfg.grid, log)
+    mim_losses = train_vit(sphinx.mov, args, cfg.canvas, cfg.grid, log)
+    t_vis = time.perf_counter() - t
+    after = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
+    log("linear probes of the frozen encoders (held-out views):\n" + probe_table(before, after))
+
+    if reuse:
+        sphinx.llm = M.load_base(reuse, cfg).llm
+        llm_losses, t_llm, text_scores = old["losses"]["llm"], old["minutes"]["llm"] * 60, old["text_form_eval"]
+    else:
+        t = time.perf_counter()
+        llm_losses = train_llm(sphinx.llm, tok, args, cfg.canvas, autocast, log)[::50]
+        t_llm = time.perf_counter() - t
+        text_scores = eval_text_form(sphinx.llm, tok, args.seed, cfg.canvas)
+    log("LLM base, held-out questions with the scene given as text: " +
+        ", ".join(f"{k} {v:.0%}" for k, v in text_scores.items()))
+    summary = {"recipe": {k: getattr(args, k) for k in RECIPE}, "autocast_bf16": autocast,
+               "minutes": {"vision": t_vis / 60, "llm": t_llm / 60, "total": (time.perf_counter() - t_all + (t_llm if reuse else 0)) / 60},
+               "losses": {"clip": clip_losses[::10], "mim": mim_losses[::10], "llm": llm_losses},
+               "probes": {"random": before, "pretrained": after}, "text_form_eval": text_scores}
+    M.save_base(out / f"{args.size}.safetensors", sphinx, summary)
+    log(f"saved {out / f'{args.size}.safetensors'} and {tok_path} in {summary['minutes']['total']:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

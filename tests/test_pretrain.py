@@ -1,0 +1,162 @@
+"""pretrain.py: the text form, view contents and captions, each objective learns, probes, the shipped base."""
+from argparse import Namespace
+
+import pytest
+import torch
+
+import data as D
+import model as M
+import pretrain as P
+import train as T
+from checkpoint import CheckpointError
+from tiling import photo_to_canvas, tile
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return D.train_tokenizer(P.base_texts(0, 0, 300, 128), 2048, tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def _scene_sample(task, seed=0):
+    i = 0
+    while True:
+        s = D.synthetic_sample(seed, "train", i, 128)
+        if s.task == task and s.truth.get("word") and len(s.truth["objects"]) >= 2:
+            return s
+        i += 1
+
+
+def test_text_form_puts_the_scene_where_the_image_goes_and_detection_is_a_copy_of_it():
+    s = _scene_sample("detection")
+    text = P.text_form(s, 128)
+    scene, body = text.split(".\n", 1)
+    assert body == "".join(t for t, _ in D.render(s.turns))
+    assert body.startswith(D.SYSTEM)
+    answer = s.turns[0][1]
+    assert scene.startswith(answer) and f"the word {s.truth['word']['text']} [" in scene
+    lang = next(x for x in (D.synthetic_sample(0, "train", i, 128) for i in range(100)) if x.image is None)
+    assert P.text_form(lang, 128) == "".join(t for t, _ in D.render(lang.turns))
+
+
+def test_view_contents_map_canvas_boxes_into_each_view():
+    s = _scene_sample("caption", seed=4)
+    contents = P.view_contents(s, 128, 2)
+    assert len(contents) == 5 and len(contents[0]) == len(s.truth["objects"]) + 1
+    for colour, shape, b in contents[0]:
+        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+        v = 1 + 2 * int(cy * 2) + int(cx * 2)                 # the sub-image holding this centre
+        match = [x for x in contents[v] if x[:2] == (colour, shape)]
+        assert len(match) == 1
+        sub = match[0][2]
+        assert sub[0] == pytest.approx(b[0] * 2 - int(cx * 2)) and sub[3] == pytest.approx(b[3] * 2 - int(cy * 2))
+    assert P.caption([]) == "nothing"
+    assert P.caption([("red", "circle", [0.0, 0.0, 0.2, 0.2]), ("text", "word", [0.7, 0.7, 0.9, 0.9])]) == \
+        "red circle top left, the word bottom right"
+
+
+def test_view_batch_leaves_out_fully_padded_views():
+    views, contents, nxt = P.view_batch(0, "train", 0, 40, 128, 2)
+    assert views.shape == (40, 3, 64, 64) and len(contents) == 40
+    n_unpadded = 0
+    for i in range(nxt):
+        s = D.synthetic_sample(0, "train", i, 128)
+        if s.image is not None:
+            n_unpadded += sum(not p for p in tile(s.image, 128, 2).fully_padded)
+    assert n_unpadded >= 40 > n_unpadded - 5          # stopped at the scene that filled the batch
+
+
+def _falls(losses, k=4):
+    return sum(losses[-k:]) / k < 0.8 * sum(losses[:k]) / k
+
+
+def test_llm_objective_learns(tok):
+    torch.manual_seed(0)
+    llm = M.build(M.llm_config("tiny", n_layers=2))
+    args = Namespace(llm_steps=25, llm_batch=8, llm_lr=3e-3, seed=0, log_every=100)
+    assert _falls(P.train_llm(llm, tok, args, 128, autocast=False, log=lambda *a: None))
+
+
+def test_clip_and_masked_image_objectives_learn(tok):
+    torch.manual_seed(0)
+    mov = M.build_sphinx(M.sphinx_config("tiny")).mov
+    before = {n: p.clone() for n, p in mov.named_parameters()}
+    args = Namespace(clip_steps=20, mim_steps=20, vis_batch=32, vis_lr=2e-3, seed=0, log_every=100)
+    assert _falls(P.train_convnext(mov, tok, args, 128, 2, lambda *a: None))
+    assert _falls(P.train_vit(mov, args, 128, 2, lambda *a: None))
+    assert all(not p.requires_grad for p in mov.convnext.parameters()) and not mov.vit.training
+    same = [n for n, p in mov.named_parameters() if torch.equal(before[n], p)]
+    assert same == ["proj.0.weight", "proj.0.bias", "proj.1.weight", "proj.1.bias"]   # the encoders all trained
+
+
+def test_patches_are_the_vit_token_order():
+    views = torch.rand(2, 3, 64, 64)
+    p = P.patches(views, 16)
+    assert p.shape == (2, 16, 768)
+    torch.testing.assert_close(p[1, 6], views[1, :, 16:32, 32:48].reshape(-1))   # row 1, column 2
+
+
+def test_linear_probe_reads_labels_planted_in_features():
+    # Features that hold the labels (plus noise) must probe near-perfectly; pure noise near chance.
+    torch.manual_seed(0)
+    labels = torch.randint(0, 8, (600,))
+    planted = torch.cat([torch.nn.functional.one_hot(labels, 8).double(), 0.1 * torch.randn(600, 4).double()], 1)
+    pred = P.ridge(planted[:400], torch.nn.functional.one_hot(labels[:400], 8).double(), planted[400:]).argmax(1)
+    assert (pred == labels[400:]).double().mean() > 0.95
+    noise = torch.randn(600, 12).double()
+    pred = P.ridge(noise[:400], torch.nn.functional.one_hot(labels[:400], 8).double(), noise[400:]).argmax(1)
+    assert (pred == labels[400:]).double().mean() < 0.3
+    col, shp, box = P.cell_labels([[("red", "circle", [0.0, 0.0, 0.3, 0.3])]], 4)
+    assert col.tolist()[:2] == [P.COLOURS.index("red"), 0] and shp[0] == P.SHAPES.index("circle")
+    assert box[0].tolist() == pytest.approx([0.0, 0.0, 0.3, 0.3]) and box[1].abs().sum() == 0
+
+
+def test_pick_autocast_honours_an_explicit_choice():
+    assert P.pick_autocast("bf16") is True and P.pick_autocast("fp32") is False
+    assert P.pick_autocast("auto") in (True, False)
+
+
+# ----------------------------------------------------------------------------- the shipped base
+
+@pytest.fixture(scope="module")
+def base_path():
+    if not T.DEFAULT_BASE.exists():
+        pytest.fail(f"the shipped base {T.DEFAULT_BASE} is missing: run `python pretrain.py`")
+    return T.DEFAULT_BASE
+
+
+def test_shipped_base_loads_strictly_with_its_tokenizer_and_matches_the_tiny_config(base_path):
+    cfg = M.sphinx_config("tiny")
+    model = M.load_base(base_path, cfg)
+    assert model.cfg == cfg
+    summary = M.base_summary(base_path)
+    assert summary["recipe"]["llm_steps"] > 0 and "pretrained" in summary["probes"]
+    tok = D.Tokenizer(base_path.parent / "tokenizer.json")
+    assert tok.vocab_size <= cfg.llm.vocab_size
+    assert base_path.stat().st_size <= 20 * 2 ** 20
+    # The base LLM has learned the world's text: it continues a held-out scene description sensibly.
+    s = D.eval_per_task(0, 1, 128)
+    ids = [tok.bos_id] + tok.encode(P.text_form(s[0], 128))
+    x = torch.tensor([ids])
+    _, loss = model.llm(x[:, :-1], targets=x[:, 1:])
+    assert loss.item() < 1.5                                    # random init: ~ln(2048) = 7.6
+
+
+def test_base_with_a_fresh_projector_and_moe_upcycled_exactly(base_path):
+    torch.manual_seed(0)
+    dense = M.load_base(base_path, M.sphinx_config("tiny"))
+    torch.manual_seed(1)
+    moe = M.load_base(base_path, M.sphinx_config("tiny-moe"))
+    x = torch.randint(0, 700, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(moe.llm(x)[0], dense.llm(x)[0], rtol=1e-5, atol=1e-5)
+        assert not torch.equal(moe.mov.proj[0].weight, dense.mov.proj[0].weight)     # fresh per seed
+        v = torch.rand(2, 3, 64, 64)
+        torch.testing.assert_close(moe.mov.encode_frozen(v), dense.mov.encode_frozen(v), rtol=0, atol=0)
+
+
+def test_base_refuses_a_mismatched_config_or_a_non_base_file(base_path, tmp_path):
+    with pytest.raises(CheckpointError, match="config differs"):
+        M.load_base(base_path, M.sphinx_config("tiny", llm=M.llm_config("tiny", n_layers=2)))
+    M.save_sphinx(tmp_path / "full.safetensors", M.build_sphinx(M.sphinx_config("tiny")))
+    with pytest.raises(CheckpointError, match="not a sphinx-x base"):
+        M.load_base(tmp_path / "full.safetensors", M.sphinx_config("tiny"))
