@@ -71,7 +71,7 @@ def main():
         # 1. the tiny run's training step
         peak = matmul_peak_flops()
         r = T.train(T.parse_args(["--size", "tiny", "--out", d, "--steps", "12", "--log-every", "12",
-                                  "--eval-samples", "0", "--peak-tflops", str(peak / 1e12)]))
+                                  "--eval-per-task", "0", "--from-scratch", "--peak-tflops", str(peak / 1e12)]))
         tps, mfu = r["throughput"]["tokens_per_s"], r["throughput"]["mfu"]
         print(f"tiny training step: {machine()}; fp32 matmul peak (2048^3) {peak / 1e9:.0f} GFLOP/s")
         print(table([["tiny, 1 process, batch 16", f"{tps:,.0f}", f"{mfu:.0%}"]],

@@ -275,3 +275,37 @@ def test_text_only_baseline_answers_each_question_with_its_most_common_training_
     got = D.text_only_baseline(train, held_out)
     assert got["vqa"] == (2.0, 3) and got["grounding"] == (1.0, 1) and got["caption"] == (0.0, 1)
     assert got["som"] == (0.0, 0)
+
+
+def test_tasks_per_image_continues_the_same_scene_and_held_out_keeps_one_task():
+    for i in range(40):
+        one = D.synthetic_sample(5, "train", i, 128)
+        many = D.synthetic_sample(5, "train", i, 128, tasks_per_image=3)
+        assert many.turns[:len(one.turns)] == one.turns and many.task == one.task   # same scene, same first task
+        tasks = many.truth["turn_tasks"]
+        assert len(tasks) == len(many.turns)
+        groups = [t for k, t in enumerate(tasks) if k == 0 or tasks[k - 1] != t]
+        assert len(groups) == len(set(groups)) <= 3                                  # different tasks
+        if one.image is not None:
+            assert (np.asarray(one.image) == np.asarray(many.image)).all()
+        else:
+            assert many.turns == one.turns
+    assert any(len(set(D.synthetic_sample(5, "train", i, 128, 3).truth["turn_tasks"])) > 1 for i in range(40))
+    held = D.eval_per_task(5, 3, 128)
+    assert Counter(s.task for s in held) == {t: 3 for t in D.TASKS}
+    assert all(set(s.truth.get("turn_tasks", [s.task])) == {s.task} for s in held)
+
+
+def test_text_only_baseline_counts_each_turn_under_its_own_task():
+    multi = D.Sample([("Describe the image briefly.", "A red circle."), ("How many shapes are there?", "1.")],
+                     task="caption", truth={"turn_tasks": ["caption", "vqa"]})
+    held_out = [D.Sample([("How many apples?", "1.")], task="vqa")]      # unseen question: the task's answer
+    assert D.text_only_baseline([multi], held_out)["vqa"] == (1.0, 1)
+
+
+def test_scene_text_is_the_detection_answer_plus_the_word():
+    s = next(x for x in (D.synthetic_sample(0, "train", i, 128) for i in range(300))
+             if x.task == "detection" and x.truth["word"])
+    text = D.scene_text(s.truth["objects"], s.truth["word"], s.image.size, 128)
+    assert text.startswith(s.turns[0][1] + ", the word " + s.truth["word"]["text"] + " [")
+    assert D.scene_text([], None, (10, 10), 128) == "an empty background"
