@@ -37,9 +37,11 @@ import data as D
 import model as M
 from checkpoint import save_safetensors_atomic
 from tiling import photo_to_canvas, tile
+from train import lr_at
 
 RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, clip_steps=400, mim_steps=400, vis_batch=128,
               vis_lr=2e-3, seed=1000)
+WARMUP = 0.02          # linear warm-up over the first 2% of each stage's steps, then cosine to 0
 
 
 def parse_args(argv=None):
@@ -99,20 +101,13 @@ def lm_batch(tok: D.Tokenizer, texts: list[str]):
     return x, y
 
 
-def lr_at(step, total, peak, warmup=0.02):
-    warm = max(1, round(warmup * total))
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (step - warm) / max(1, total - warm))).item())
-
-
 def train_llm(llm: M.Transformer, tok, args, canvas: int, autocast: bool, log) -> list[float]:
     opt = torch.optim.AdamW(llm.parameters(), lr=args.llm_lr, betas=(0.9, 0.95), weight_decay=0.0)
     llm.train()
     losses, t0 = [], time.perf_counter()
     for step in range(args.llm_steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.llm_steps, args.llm_lr)
+            g["lr"] = lr_at(step, args.llm_steps, args.llm_lr, WARMUP)
         x, y = lm_batch(tok, base_texts(args.seed, step * args.llm_batch, args.llm_batch, canvas))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             _, loss = llm(x, targets=y)
@@ -235,7 +230,7 @@ def train_convnext(mov, tok, args, canvas, grid, log) -> list[float]:
     losses, nxt, t0 = [], 0, time.perf_counter()
     for step in range(args.clip_steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.clip_steps, args.vis_lr)
+            g["lr"] = lr_at(step, args.clip_steps, args.vis_lr, WARMUP)
         views, contents, nxt = view_batch(args.seed, "train", nxt, args.vis_batch, canvas, grid)
         caps = [caption(c) for c in contents]
         ids = [tok.encode(c) for c in caps]
@@ -272,7 +267,7 @@ def train_vit(mov, args, canvas, grid, log, mask_ratio: float = 0.5) -> list[flo
     losses, nxt, t0 = [], 0, time.perf_counter()
     for step in range(args.mim_steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.mim_steps, args.vis_lr)
+            g["lr"] = lr_at(step, args.mim_steps, args.vis_lr, WARMUP)
         views, _, nxt = view_batch(args.seed, "train", nxt, args.vis_batch, canvas, grid)
         target = patches(views, cfg.patch)
         n = target.shape[1]
