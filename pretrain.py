@@ -52,6 +52,8 @@ def parse_args(argv=None):
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="bf16 autocast for the LLM stage; auto: measure which is faster on this CPU")
+    p.add_argument("--vit-objective", choices=("mim", "clip"), default="mim",
+                   help="ViT: masked-image modelling (DINOv2-like) or contrastive like the ConvNeXt")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--reuse-llm", default=None,
                    help="a base made with the same LLM recipe: take its tokenizer and LLM, redo only the encoders "
@@ -220,13 +222,17 @@ def clip_loss(img, txt, scale, same):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def train_convnext(mov, tok, args, canvas, grid, log) -> list[float]:
+def train_contrastive(mov, which: str, tok, args, canvas, grid, log) -> list[float]:
+    """CLIP-style training of one encoder ('convnext' or 'vit'); its pooled token (the ConvNeXt's grid
+    mean, the ViT's cls) is the image embedding."""
+    encoder = getattr(mov, which)
+    pooled = (lambda v: mov.convnext_tokens(v)[:, 0]) if which == "convnext" else (lambda v: mov.vit_tokens(v)[:, 0])
     text = TextTower(tok.vocab_size)
-    head = nn.Linear(mov.convnext.cfg.dims[-1], 128, bias=False)
+    head = nn.Linear(pooled(torch.zeros(1, 3, 64, 64)).shape[-1], 128, bias=False)
     log_scale = nn.Parameter(torch.tensor(2.66))           # CLIP's init: 1/0.07
-    params = list(mov.convnext.parameters()) + list(text.parameters()) + list(head.parameters()) + [log_scale]
+    params = list(encoder.parameters()) + list(text.parameters()) + list(head.parameters()) + [log_scale]
     opt = torch.optim.AdamW(params, lr=args.vis_lr, weight_decay=0.05)
-    mov.convnext.requires_grad_(True).train()
+    encoder.requires_grad_(True).train()
     losses, nxt, t0 = [], 0, time.perf_counter()
     for step in range(args.clip_steps):
         for g in opt.param_groups:
@@ -237,16 +243,16 @@ def train_convnext(mov, tok, args, canvas, grid, log) -> list[float]:
         lengths = torch.tensor([len(i) for i in ids])
         ids = torch.tensor([i + [tok.eos_id] * (int(lengths.max()) - len(i)) for i in ids])
         same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
-        img = head(mov.convnext_tokens(views)[:, 0])
+        img = head(pooled(views))
         loss = clip_loss(img, text(ids, lengths), log_scale.exp().clamp(max=100), same)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if (step + 1) % args.log_every == 0 or step + 1 == args.clip_steps:
-            log(f"clip step {step + 1:5d}/{args.clip_steps} | loss {loss.item():.4f} | "
+            log(f"clip {which} step {step + 1:5d}/{args.clip_steps} | loss {loss.item():.4f} | "
                 f"{(time.perf_counter() - t0) / (step + 1):.2f} s/step")
-    mov.convnext.requires_grad_(False).eval()
+    encoder.requires_grad_(False).eval()
     return losses
 
 
@@ -387,8 +393,11 @@ def main(argv=None):
     sphinx = M.build_sphinx(cfg)
     before = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
     t = time.perf_counter()
-    clip_losses = train_convnext(sphinx.mov, tok, args, cfg.canvas, cfg.grid, log)
-    mim_losses = train_vit(sphinx.mov, args, cfg.canvas, cfg.grid, log)
+    clip_losses = train_contrastive(sphinx.mov, "convnext", tok, args, cfg.canvas, cfg.grid, log)
+    if args.vit_objective == "mim":
+        mim_losses = train_vit(sphinx.mov, args, cfg.canvas, cfg.grid, log)
+    else:
+        mim_losses = train_contrastive(sphinx.mov, "vit", tok, args, cfg.canvas, cfg.grid, log)
     t_vis = time.perf_counter() - t
     after = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
     log("linear probes of the frozen encoders (held-out views):\n" + probe_table(before, after))
@@ -403,7 +412,8 @@ def main(argv=None):
         text_scores = eval_text_form(sphinx.llm, tok, args.seed, cfg.canvas)
     log("LLM base, held-out questions with the scene given as text: " +
         ", ".join(f"{k} {v:.0%}" for k, v in text_scores.items()))
-    summary = {"recipe": {k: getattr(args, k) for k in RECIPE}, "autocast_bf16": autocast,
+    summary = {"recipe": {k: getattr(args, k) for k in RECIPE} | {"vit_objective": args.vit_objective},
+               "autocast_bf16": autocast,
                "minutes": {"vision": t_vis / 60, "llm": t_llm / 60, "total": (time.perf_counter() - t_all + (t_llm if reuse else 0)) / 60},
                "losses": {"clip": clip_losses[::10], "mim": mim_losses[::10], "llm": llm_losses},
                "probes": {"random": before, "pretrained": after}, "text_form_eval": text_scores}

@@ -81,11 +81,12 @@ def test_clip_and_masked_image_objectives_learn(tok):
     mov = M.build_sphinx(M.sphinx_config("tiny")).mov
     before = {n: p.clone() for n, p in mov.named_parameters()}
     args = Namespace(clip_steps=20, mim_steps=20, vis_batch=32, vis_lr=2e-3, seed=0, log_every=100)
-    assert _falls(P.train_convnext(mov, tok, args, 128, 2, lambda *a: None))
+    assert _falls(P.train_contrastive(mov, "convnext", tok, args, 128, 2, lambda *a: None))
     assert _falls(P.train_vit(mov, args, 128, 2, lambda *a: None))
     assert all(not p.requires_grad for p in mov.convnext.parameters()) and not mov.vit.training
     same = [n for n, p in mov.named_parameters() if torch.equal(before[n], p)]
     assert same == ["proj.0.weight", "proj.0.bias", "proj.1.weight", "proj.1.bias"]   # the encoders all trained
+    assert _falls(P.train_contrastive(mov, "vit", tok, args, 128, 2, lambda *a: None), k=3)   # --vit-objective clip
 
 
 def test_patches_are_the_vit_token_order():
