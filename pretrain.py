@@ -37,11 +37,19 @@ import data as D
 import model as M
 from checkpoint import save_safetensors_atomic
 from tiling import photo_to_canvas, tile
-from train import lr_at
 
 RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, clip_steps=400, mim_steps=400, vis_batch=128,
               vis_lr=2e-3, seed=1000)
 WARMUP = 0.02          # linear warm-up over the first 2% of each stage's steps, then cosine to 0
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    """train.lr_at's schedule with the cosine taken in float32, as the shipped base was made: the
+    float64 cosine differs in the last bits and would not remake base/ bit for bit."""
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (step - warm) / max(1, total - warm))).item())
 
 
 def parse_args(argv=None):
@@ -79,6 +87,29 @@ def pick_autocast(choice: str) -> bool:
     return best(torch.bfloat16) < 0.67 * best(torch.float32)
 
 
+def optimise(name: str, params, steps: int, lr: float, loss_at, batch: int, log, log_every: int,
+             betas=(0.9, 0.999), weight_decay=0.0, clip=None) -> list[float]:
+    """The loop every stage shares: AdamW, warm-up then cosine, loss_at(step) -> loss, a progress line."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, WARMUP)
+        loss = loss_at(step)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            dt, recent = time.perf_counter() - t0, losses[-log_every:]
+            log(f"{name:13s} step {step + 1:5d}/{steps} | loss {sum(recent) / len(recent):.4f} | "
+                f"{(step + 1) * batch / dt:.0f} samples/s | ETA {dt / (step + 1) * (steps - step - 1) / 60:.1f} min")
+    return losses
+
+
 # ----------------------------------------------------------------------------- 1-2: tokenizer and LLM
 
 def text_form(sample: D.Sample, canvas: int) -> str:
@@ -104,25 +135,13 @@ def lm_batch(tok: D.Tokenizer, texts: list[str]):
 
 
 def train_llm(llm: M.Transformer, tok, args, canvas: int, autocast: bool, log) -> list[float]:
-    opt = torch.optim.AdamW(llm.parameters(), lr=args.llm_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    llm.train()
-    losses, t0 = [], time.perf_counter()
-    for step in range(args.llm_steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.llm_steps, args.llm_lr, WARMUP)
+    def loss_at(step):
         x, y = lm_batch(tok, base_texts(args.seed, step * args.llm_batch, args.llm_batch, canvas))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            _, loss = llm(x, targets=y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % args.log_every == 0 or step + 1 == args.llm_steps:
-            dt = time.perf_counter() - t0
-            log(f"llm  step {step + 1:5d}/{args.llm_steps} | loss {sum(losses[-args.log_every:]) / len(losses[-args.log_every:]):.4f} | "
-                f"{(step + 1) * args.llm_batch / dt:.0f} samples/s | ETA {dt / (step + 1) * (args.llm_steps - step - 1) / 60:.1f} min")
-    return losses
+            return llm(x, targets=y)[1]
+    llm.train()
+    return optimise("llm", llm.parameters(), args.llm_steps, args.llm_lr, loss_at, args.llm_batch, log,
+                    args.log_every, betas=(0.9, 0.95), clip=1.0)
 
 
 @torch.no_grad()
@@ -194,6 +213,14 @@ def view_batch(seed: int, split: str, start: int, n_views: int, canvas: int, gri
     return torch.stack(views[:n_views]), contents[:n_views], i
 
 
+def view_stream(seed: int, n_views: int, canvas: int, grid: int):
+    """Endless view batches from consecutive training scenes."""
+    nxt = 0
+    while True:
+        views, contents, nxt = view_batch(seed, "train", nxt, n_views, canvas, grid)
+        yield views, contents
+
+
 # ----------------------------------------------------------------------------- 3: CLIP-style ConvNeXt
 
 class TextTower(nn.Module):
@@ -230,28 +257,20 @@ def train_contrastive(mov, which: str, tok, args, canvas, grid, log) -> list[flo
     text = TextTower(tok.vocab_size)
     head = nn.Linear(pooled(torch.zeros(1, 3, 64, 64)).shape[-1], 128, bias=False)
     log_scale = nn.Parameter(torch.tensor(2.66))           # CLIP's init: 1/0.07
-    params = list(encoder.parameters()) + list(text.parameters()) + list(head.parameters()) + [log_scale]
-    opt = torch.optim.AdamW(params, lr=args.vis_lr, weight_decay=0.05)
-    encoder.requires_grad_(True).train()
-    losses, nxt, t0 = [], 0, time.perf_counter()
-    for step in range(args.clip_steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.clip_steps, args.vis_lr, WARMUP)
-        views, contents, nxt = view_batch(args.seed, "train", nxt, args.vis_batch, canvas, grid)
+    batches = view_stream(args.seed, args.vis_batch, canvas, grid)
+
+    def loss_at(step):
+        views, contents = next(batches)
         caps = [caption(c) for c in contents]
         ids = [tok.encode(c) for c in caps]
         lengths = torch.tensor([len(i) for i in ids])
         ids = torch.tensor([i + [tok.eos_id] * (int(lengths.max()) - len(i)) for i in ids])
         same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
-        img = head(pooled(views))
-        loss = clip_loss(img, text(ids, lengths), log_scale.exp().clamp(max=100), same)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % args.log_every == 0 or step + 1 == args.clip_steps:
-            log(f"clip {which} step {step + 1:5d}/{args.clip_steps} | loss {loss.item():.4f} | "
-                f"{(time.perf_counter() - t0) / (step + 1):.2f} s/step")
+        return clip_loss(head(pooled(views)), text(ids, lengths), log_scale.exp().clamp(max=100), same)
+    encoder.requires_grad_(True).train()
+    params = list(encoder.parameters()) + list(text.parameters()) + list(head.parameters()) + [log_scale]
+    losses = optimise(f"clip {which}", params, args.clip_steps, args.vis_lr, loss_at, args.vis_batch, log,
+                      args.log_every, weight_decay=0.05)
     encoder.requires_grad_(False).eval()
     return losses
 
@@ -267,26 +286,19 @@ def patches(views, p: int):
 def train_vit(mov, args, canvas, grid, log, mask_ratio: float = 0.5) -> list[float]:
     cfg = mov.vit.cfg
     head = nn.Linear(cfg.dim, 3 * cfg.patch ** 2)
-    opt = torch.optim.AdamW(list(mov.vit.parameters()) + list(head.parameters()), lr=args.vis_lr, weight_decay=0.05)
-    mov.vit.requires_grad_(True).train()
     gen = torch.Generator().manual_seed(args.seed)
-    losses, nxt, t0 = [], 0, time.perf_counter()
-    for step in range(args.mim_steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.mim_steps, args.vis_lr, WARMUP)
-        views, _, nxt = view_batch(args.seed, "train", nxt, args.vis_batch, canvas, grid)
+    batches = view_stream(args.seed, args.vis_batch, canvas, grid)
+
+    def loss_at(step):
+        views, _ = next(batches)
         target = patches(views, cfg.patch)
         n = target.shape[1]
-        mask = torch.rand(len(views), n, generator=gen).argsort(1) < round(mask_ratio * n)
+        mask = torch.rand(len(views), n, generator=gen).argsort(1) < round(mask_ratio * n)   # a random half
         pred = head(mov.vit_tokens(views, mask)[:, 1:])
-        loss = F.mse_loss(pred[mask], target[mask])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % args.log_every == 0 or step + 1 == args.mim_steps:
-            log(f"mim  step {step + 1:5d}/{args.mim_steps} | loss {loss.item():.5f} | "
-                f"{(time.perf_counter() - t0) / (step + 1):.2f} s/step")
+        return F.mse_loss(pred[mask], target[mask])
+    mov.vit.requires_grad_(True).train()
+    losses = optimise("mim vit", list(mov.vit.parameters()) + list(head.parameters()), args.mim_steps, args.vis_lr,
+                      loss_at, args.vis_batch, log, args.log_every, weight_decay=0.05)
     mov.vit.requires_grad_(False).eval()
     return losses
 
