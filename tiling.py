@@ -7,7 +7,8 @@ sub-images in row-major order. A sub-image that holds no photo pixel is *fully p
 it is decided from the geometry alone (never from pixel values: a black photo region is
 not padding), and the model puts one learnable skip token in its place.
 
-Boxes are text in normalised canvas coordinates (DESIGN.md); helpers convert both ways.
+Boxes are text, [x1, y1, x2, y2] normalised to 0-1 on the padded canvas with 2 decimals (the
+reference's convention); helpers convert between photo pixels and canvas coordinates.
 """
 from __future__ import annotations
 

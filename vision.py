@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from checkpoint import CheckpointError, compile_rules, iter_safetensors, load_state_strict, map_name, safetensors_files
 
-# CLIP normalisation for ConvNeXt (open_clip laion2b), ImageNet for DINOv2 (DESIGN.md).
+# CLIP normalisation for ConvNeXt (open_clip laion2b), ImageNet statistics for DINOv2, as each was trained.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -293,7 +293,7 @@ class MixtureOfVisualExperts(nn.Module):
 
     views (N, 3, S, S) in [0, 1] -> (N, 1 + (S/patch)^2, llm_dim). The ViT fixes the grid
     (16x16 for 224/14); the ConvNeXt map (16x16 when fed 512 px) is resized to it if needed,
-    and its cls token is the mean of its grid (DESIGN.md).
+    and its cls token is the mean of its grid (the reference's choice: ConvNeXt has no cls token).
     """
 
     def __init__(self, convnext: ConvNeXtConfig, vit: ViTConfig, llm_dim: int):
