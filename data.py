@@ -134,7 +134,7 @@ def render(turns) -> list[tuple[str, bool]]:
 
 
 def prompt_text(turns) -> str:
-    """The text the model sees before generating the last answer (last answer is None)."""
+    """The rendered conversation as one text; with the last answer None, the prompt that precedes it."""
     return "".join(t for t, _ in render(turns))
 
 
@@ -656,7 +656,6 @@ def train_samples(seed: int, n: int, canvas: int, tasks_per_image: int = 1) -> l
     """The first n samples of the synthetic training stream, as a synthetic run draws them."""
     src = SampleSource([{"path": "synthetic", "ratio": 1, "tasks_per_image": tasks_per_image}], seed, canvas)
     return [src.next() for _ in range(n)]
-
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def optimise(name: str, params, steps: int, lr: float, loss_at, batch: int, log,
 
 def text_form(sample: D.Sample, canvas: int) -> str:
     """A synthetic sample as the LLM base reads it: the scene in words where the image block goes."""
-    body = "".join(t for t, _ in D.render(sample.turns))
+    body = D.prompt_text(sample.turns)
     if sample.image is None:
         return body
     t = sample.truth
@@ -255,7 +255,7 @@ def train_contrastive(mov, which: str, tok, args, canvas, grid, log) -> list[flo
     encoder = getattr(mov, which)
     pooled = (lambda v: mov.convnext_tokens(v)[:, 0]) if which == "convnext" else (lambda v: mov.vit_tokens(v)[:, 0])
     text = TextTower(tok.vocab_size)
-    head = nn.Linear(pooled(torch.zeros(1, 3, 64, 64)).shape[-1], 128, bias=False)
+    head = nn.Linear(mov.convnext.cfg.dims[-1] if which == "convnext" else mov.vit.cfg.dim, 128, bias=False)
     log_scale = nn.Parameter(torch.tensor(2.66))           # CLIP's init: 1/0.07
     batches = view_stream(args.seed, args.vis_batch, canvas, grid)
 
@@ -341,8 +341,8 @@ def probe(mov, seed: int, canvas: int, grid: int, n_train: int = 1500, n_test: i
     vte, cte, _ = view_batch(seed, "eval", 0, n_test, canvas, grid)
     out = {}
     feats = {"convnext": lambda v: mov.convnext_tokens(v)[:, 1:], "vit": lambda v: mov.vit_tokens(v)[:, 1:]}
-    ftr = {k: f(vtr).reshape(-1, f(vtr[:1]).shape[-1]).double() for k, f in feats.items()}
-    fte = {k: f(vte).reshape(-1, f(vte[:1]).shape[-1]).double() for k, f in feats.items()}
+    ftr = {k: f(vtr).flatten(0, 1).double() for k, f in feats.items()}
+    fte = {k: f(vte).flatten(0, 1).double() for k, f in feats.items()}
     ftr["both"], fte["both"] = torch.cat(list(ftr.values()), 1), torch.cat(list(fte.values()), 1)
     g = int(round((ftr["vit"].shape[0] / len(vtr)) ** 0.5))
     (ctr_c, ctr_s, ctr_b), (cte_c, cte_s, cte_b) = cell_labels(ctr, g), cell_labels(cte, g)

@@ -302,7 +302,7 @@ def tokenizer_corpus(seed: int, canvas: int, n: int = 4000):
 def get_tokenizer(args, mesh, cfg) -> D.Tokenizer:
     """The paper sizes take their LLM's tokenizer, a run from a base the base's; from scratch, CPU sizes
     train a byte-level BPE on the synthetic corpus (rank 0 trains it into the run directory, the others
-    read it). The run directory always gets a copy, for sample.py."""
+    read it). A tokenizer.json always ends up in the run directory, for sample.py."""
     path = args.out / "tokenizer.json"
     given = args.tokenizer or (Path(args.base).parent / "tokenizer.json" if args.base else None)
     if given:
