@@ -545,8 +545,10 @@ class Batcher:
                 encoded.append(encode(s, self.tok, self.max_len, self.layout))
             except DataError as e:
                 self.source.skips.handle(e)
+        # Always n_micro micro-batches, empty ones included: every DP rank must run the same number of
+        # gradient reductions whatever it skipped, or the collectives stop matching and the job hangs.
         per = max(1, -(-len(encoded) // n_micro))
-        return [collate(encoded[i:i + per], self.tok) for i in range(0, len(encoded), per)]
+        return [collate(encoded[i * per:(i + 1) * per], self.tok) for i in range(n_micro)]
 
     def state_dict(self) -> dict:
         return {"source": self.window_state, "consumed": self.consumed}
@@ -567,6 +569,7 @@ def collate(encoded: list[Encoded], tok: Tokenizer) -> dict:
                                 dtype=torch.long).view(-1, T),
         "images": [e.tiles for e in encoded],
         "tasks": [e.task for e in encoded],
+        "n_samples": len(encoded),
         "n_tokens": sum(len(e) for e in encoded),              # real positions, image blocks included
         "n_targets": sum(t != IGNORE_INDEX for e in encoded for t in e.targets),
     }

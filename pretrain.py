@@ -17,6 +17,7 @@ priors, so the CPU sizes get a base made by this script, one stage per part:
   4. ViT        masked-image modelling, as DINOv2's iBOT masks patches: hidden patches become the
                 mask token and their pixels are regressed from the output tokens (SimMIM); the
                 pixel head is thrown away.
+     Then each encoder's output channels are standardised (folded into its final LayerNorm).
   5. probes     linear probes of the frozen features (colour, shape and box of what each grid cell
                 shows), random init vs pretrained, printed and stored in the file's metadata.
 
@@ -303,6 +304,23 @@ def train_vit(mov, args, canvas, grid, log, mask_ratio: float = 0.5) -> list[flo
     return losses
 
 
+@torch.no_grad()
+def standardise_outputs(mov, seed: int, canvas: int, grid: int, n_views: int = 2048):
+    """Give every output channel of both frozen encoders zero mean and unit variance over training
+    views, folded into their final LayerNorm ((w * n + b - mean) / std is again w' * n + b'), so the
+    architecture and its checkpoint layout are unchanged. Why: the fresh projector reads these
+    channels, and Adam moves each of its weights at the same rate whatever the channel's offset and
+    spread, so unnormalised channels (means up to 0.4, spreads 0.2 to 2.2 here) slow the tuning down:
+    measured on "What color is the <shape>?" about one-object scenes, 100 tuning steps reach 27%
+    held-out accuracy (chance 17%) without this and 73% with it."""
+    views, _, _ = view_batch(seed, "train", 0, n_views, canvas, grid)
+    for norm, tokens in ((mov.convnext.head_norm, mov.convnext_tokens), (mov.vit.norm, mov.vit_tokens)):
+        f = tokens(views).flatten(0, 1)
+        mean, std = f.mean(0), f.std(0)
+        norm.bias.sub_(mean).div_(std)
+        norm.weight.div_(std)
+
+
 # ----------------------------------------------------------------------------- 5: linear probes
 
 COLOURS = ("none",) + tuple(D.COLORS) + ("text",)
@@ -410,6 +428,7 @@ def main(argv=None):
         mim_losses = train_vit(sphinx.mov, args, cfg.canvas, cfg.grid, log)
     else:
         mim_losses = train_contrastive(sphinx.mov, "vit", tok, args, cfg.canvas, cfg.grid, log)
+    standardise_outputs(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
     t_vis = time.perf_counter() - t
     after = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
     log("linear probes of the frozen encoders (held-out views):\n" + probe_table(before, after))

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,8 +33,8 @@ from tiling import tile
 # Paper recipe (Sec. 4.1): AdamW (0.9, 0.95), wd 0, lr 2e-5 (5e-6 MoE), 1% linear warm-up, cosine to 0,
 # effective batch 256. The CPU sizes keep the schedule with a learning rate that suits a tiny model.
 RECIPES = {
-    "tiny": dict(lr=3e-3, batch=16, micro_batch=8, steps=280, max_len=320, warmup=0.04),
-    "tiny-moe": dict(lr=3e-3, batch=16, micro_batch=8, steps=200, max_len=320, warmup=0.04),
+    "tiny": dict(lr=1e-3, projector_lr=1e-2, batch=16, micro_batch=8, steps=280, max_len=320, warmup=0.04),
+    "tiny-moe": dict(lr=1e-3, projector_lr=1e-2, batch=16, micro_batch=8, steps=200, max_len=320, warmup=0.04),
     "paper": dict(lr=2e-5, batch=256, micro_batch=4, steps=0, max_len=3072, warmup=0.01),
     "paper-moe": dict(lr=5e-6, batch=256, micro_batch=4, steps=0, max_len=3072, warmup=0.01),
 }
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="effective (global) batch in samples")
     p.add_argument("--micro-batch", type=int, default=None, help="samples per rank per forward")
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--projector-lr", type=float, default=None,
+                   help="peak lr of the fresh parts (projector, image tags, skip token); default --lr")
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="tokenizer file (the paper sizes); CPU sizes train one")
@@ -62,6 +65,7 @@ def parse_args(argv=None):
                    help="pretrained LLM + encoders (pretrain.py) for a CPU size; default base/tiny.safetensors")
     p.add_argument("--from-scratch", action="store_true", help="CPU sizes: random LLM and encoders, no base")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run")
     p.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-per-task", type=int, default=40, help="held-out samples per task evaluated at the end")
@@ -150,7 +154,7 @@ class ZeRO2:
     """
 
     def __init__(self, named_params, mesh: Mesh, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                 bucket_numel=8 << 20):
+                 bucket_numel=8 << 20, lr_scale=lambda name: 1.0):
         self.mesh, self.lr, self.betas, self.eps, self.wd = mesh, lr, betas, eps, weight_decay
         self.step_count = 0
         self.buckets = []
@@ -165,17 +169,19 @@ class ZeRO2:
             self.buckets.append(cur)
         dp, r = mesh.dp, mesh.dp_rank
         self.flat, self.master, self.m, self.v, self.grad, self.norm_w, self.sizes = [], [], [], [], [], [], []
+        self.lr_w = []          # per-element lr multiplier (lr_scale of the parameter it belongs to)
         for bucket in self.buckets:
             numel = sum(p.numel() for _, p in bucket)
             padded = math.ceil(numel / dp) * dp
             flat = torch.zeros(padded, dtype=bucket[0][1].dtype, device=bucket[0][1].device)
-            w = torch.zeros(padded)
+            w, lr_w = torch.zeros(padded), torch.ones(padded)
             off = 0
             for name, p in bucket:
                 flat[off:off + p.numel()].copy_(p.detach().flatten())
                 p.data = flat[off:off + p.numel()].view_as(p)
                 # Replicated parameters count once in the global norm (on TP rank 0); TP shards everywhere.
                 w[off:off + p.numel()] = 1.0 if (split_dim(name) is not None or mesh.tp_rank == 0) else 0.0
+                lr_w[off:off + p.numel()] = lr_scale(name)
                 off += p.numel()
             S = padded // dp
             own = slice(r * S, (r + 1) * S)
@@ -186,6 +192,7 @@ class ZeRO2:
             self.v.append(torch.zeros(S, device=flat.device))
             self.grad.append(torch.zeros(S, device=flat.device))
             self.norm_w.append(w[own].to(flat.device))
+            self.lr_w.append(None if bool((lr_w == 1).all()) else lr_w[own].to(flat.device))
 
     def shard_slice(self, i):
         S = self.flat[i].numel() // self.mesh.dp
@@ -229,7 +236,8 @@ class ZeRO2:
             self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
             if self.wd:
                 self.master[i].mul_(1 - lr * self.wd)
-            self.master[i].addcdiv_(self.m[i] / c1, (self.v[i] / c2).sqrt_().add_(self.eps), value=-lr)
+            update = (self.m[i] / c1).div_((self.v[i] / c2).sqrt_().add_(self.eps))
+            self.master[i].add_(update if self.lr_w[i] is None else update.mul_(self.lr_w[i]), alpha=-lr)
             self.grad[i].zero_()
             own = self.shard_slice(i)
             self.flat[i][own] = self.master[i].to(self.flat[i].dtype)
@@ -355,14 +363,65 @@ def save_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher, step: int
         (tmp / "state.json").write_text(json.dumps(meta))
     barrier(mesh)
     if mesh.is_main:
-        shutil.rmtree(final, ignore_errors=True)
+        k = 1
+        while final.exists():              # the same step saved again: a new name, the old one intact
+            final, k = args.out / f"step-{step:06d}.{k}", k + 1
         os.replace(tmp, final)
         _atomic_write(args.out / "latest", final.name)
         shutil.copyfile(final / "model.safetensors", args.out / ".model.safetensors.tmp")
         os.replace(args.out / ".model.safetensors.tmp", args.out / "model.safetensors")   # what sample.py loads
-        for old in sorted(args.out.glob("step-*"))[:-2]:                                  # keep the last two
-            shutil.rmtree(old, ignore_errors=True)
+        for old in checkpoints(args.out)[:-2]:                                             # keep the last two
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     barrier(mesh)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The run's checkpoint directories, oldest first by (step, save)."""
+    def order(p):
+        step, _, again = p.name.removeprefix("step-").partition(".")
+        return int(step), int(again or 0)
+    return sorted((p for p in out.glob("step-*") if re.fullmatch(r"step-\d+(\.\d+)?", p.name)), key=order)
+
+
+def claim_run_dir(args) -> Path:
+    """Refuse to clobber a run: an existing run needs --resume or --overwrite, and a run directory
+    another live process has claimed is refused. The claim is a `lock` file holding the pid."""
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"--out {args.out} is a file, not a directory")
+    args.out.mkdir(parents=True, exist_ok=True)
+    lock = args.out / "lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = int(lock.read_text().strip() or 0)
+        if pid and _alive(pid):
+            raise SystemExit(f"{args.out} is in use by another run (pid {pid}); wait for it or use another --out") from None
+        lock.unlink()                                                       # a dead run's claim
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    held = (args.out / "latest").exists() or (args.out / "model.safetensors").exists()
+    if held and not args.resume:
+        if not args.overwrite:
+            lock.unlink()
+            raise SystemExit(f"{args.out} already holds a run; pass --resume to continue it or --overwrite to "
+                             "start over (which deletes its checkpoints)")
+        for old in checkpoints(args.out):
+            shutil.rmtree(old)
+        for name in ("latest", "model.safetensors", "metrics.jsonl"):
+            (args.out / name).unlink(missing_ok=True)
+    return lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def model_with_state(model, state):
@@ -463,7 +522,8 @@ def image_reliance(model, tok, mesh, samples) -> tuple[float, float]:
     return sums[0].item() / n, sums[1].item() / n
 
 
-BASELINE_SAMPLES = 2000     # synthetic training samples the text-only baseline looks answers up in
+BASELINE_SAMPLES = 2000
+MAX_EMPTY_BATCHES = 10      # consecutive global batches with every sample skipped before a run gives up     # synthetic training samples the text-only baseline looks answers up in
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -490,14 +550,32 @@ def count_flops(fn) -> int:
 
 def train(args) -> dict:
     mesh = setup_mesh(args.tp)
+    lock, refusal = None, None
+    if mesh.is_main:
+        try:
+            lock = claim_run_dir(args)
+        except SystemExit as e:
+            refusal = str(e)
+    # Every rank learns the main rank's verdict, so a refused run ends everywhere instead of hanging.
+    if all_reduce(torch.tensor(float(refusal is not None)), world_group(mesh)).item():
+        raise SystemExit(refusal or f"{args.out}: refused by rank 0 (see its message)")
+    try:
+        return _train(args, mesh)
+    finally:
+        if lock:
+            lock.unlink(missing_ok=True)
+
+
+def _train(args, mesh) -> dict:
     log = (lambda *a: print(*a, flush=True)) if mesh.is_main else (lambda *a: None)
     cfg = M.sphinx_config(args.size)
-    args.out.mkdir(parents=True, exist_ok=True)
     tok = get_tokenizer(args, mesh, cfg)
     model = build_model(args, mesh, cfg, args.init)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    opt = ZeRO2(trainable, mesh, args.lr, bucket_numel=int(args.bucket_mb * 2 ** 20 / 4))
+    fresh_scale = (args.projector_lr or args.lr) / args.lr
+    opt = ZeRO2(trainable, mesh, args.lr, bucket_numel=int(args.bucket_mb * 2 ** 20 / 4),
+                lr_scale=lambda name: 1.0 if name.startswith("llm.") else fresh_scale)
     if args.batch % (args.micro_batch * mesh.dp):
         raise SystemExit(f"--batch {args.batch} must be a multiple of micro-batch {args.micro_batch} x DP {mesh.dp}")
     accum = args.batch // (args.micro_batch * mesh.dp)
@@ -516,17 +594,31 @@ def train(args) -> dict:
     log(f"SPHINX-X {args.size}: {n_train:,} trainable + {frozen:,} frozen parameters; DP {mesh.dp} x TP {mesh.tp}; "
         f"batch {args.batch} = {args.micro_batch} x {accum} accumulation x {mesh.dp} DP; at most "
         f"{args.batch * args.max_len:,} tokens/step (image blocks included); per rank: weights {4 * sum(p.numel() for p in model.parameters()) / 2**20:.0f} MiB, "
-        f"grad + optimizer shards {opt.state_bytes() / 2**20:.0f} MiB; lr {args.lr:g}, {args.steps} steps")
+        f"grad + optimizer shards {opt.state_bytes() / 2**20:.0f} MiB; lr {args.lr:g}"
+        f"{f' (projector {args.projector_lr:g})' if args.projector_lr else ''}, {args.steps} steps")
     peak = (args.peak_tflops or 0) * 1e12 or measured_peak_flops()
     metrics = open(args.out / "metrics.jsonl", "a") if mesh.is_main else None
     t0, tok_count, flops_per_token = time.perf_counter(), 0, None
     t_start, step0, throughput = t0, step, {}
+    empty_batches = 0
     while step < args.steps:
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         micro = batcher.next_micro(accum)
         n_targets = all_reduce(torch.tensor(float(sum(b["n_targets"] for b in micro))), mesh.dp_group).item()
+        if n_targets == 0:
+            # Every sample of the global batch was skipped (--bad-input skip): draw the next one, but
+            # stop with a clear line rather than loop forever over data that is all bad.
+            empty_batches += 1
+            if empty_batches == MAX_EMPTY_BATCHES:
+                raise SystemExit(f"{MAX_EMPTY_BATCHES} global batches in a row had no usable sample; "
+                                 f"the data looks unusable. {skips.report()}")
+            continue
+        empty_batches = 0
         loss_sum = torch.zeros(())
         for b in micro:
+            if not b["n_samples"]:              # all of this micro-batch skipped: only join the reduction
+                opt.reduce_gradients()
+                continue
             def fwd_bwd():
                 _, loss = model(b["tokens"], b["images"], b["targets"], loss_sum=True)
                 total = loss / max(n_targets, 1)
@@ -555,7 +647,8 @@ def train(args) -> dict:
         if step % args.log_every == 0 or step == args.steps:
             dt = time.perf_counter() - t0
             tps = tok_count / dt
-            mfu = flops_per_token * tps / (peak * mesh.world)
+            # nan until this rank has run a micro-batch (all of its samples may have been skipped)
+            mfu = (flops_per_token or float("nan")) * tps / (peak * mesh.world)
             eta = (time.perf_counter() - t_start) / (step - step0) * (args.steps - step)
             log(f"step {step:5d}/{args.steps} | loss {loss_val:.4f} | lr {lr:.2e} | grad norm {gnorm:.2f} | "
                 f"{tps:,.0f} tokens/s | MFU {mfu:.1%} of {peak / 1e9:.0f} GFLOP/s/rank | ETA {eta / 60:.1f} min")

@@ -89,6 +89,25 @@ def test_clip_and_masked_image_objectives_learn(tok):
     assert _falls(P.train_contrastive(mov, "vit", tok, args, 128, 2, lambda *a: None), k=3)   # --vit-objective clip
 
 
+def test_standardised_outputs_are_the_old_features_standardised_per_channel():
+    # The fold into the final LayerNorms is exact: on views it never saw, the new features equal
+    # the old ones standardised with the statistics of the views it measured.
+    torch.manual_seed(0)
+    mov = M.build_sphinx(M.sphinx_config("tiny")).mov
+    fresh, _, _ = P.view_batch(0, "train", 500, 24, 128, 2)
+    stats, _, _ = P.view_batch(0, "train", 0, 64, 128, 2)
+    with torch.no_grad():
+        old_stats, old_fresh = mov.encode_frozen(stats), mov.encode_frozen(fresh)
+    mean, std = old_stats.flatten(0, 1).mean(0), old_stats.flatten(0, 1).std(0)
+    P.standardise_outputs(mov, 0, 128, 2, n_views=64)
+    with torch.no_grad():
+        new_stats, new_fresh = mov.encode_frozen(stats), mov.encode_frozen(fresh)
+    flat = new_stats.flatten(0, 1)
+    torch.testing.assert_close(flat.mean(0), torch.zeros(flat.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(flat.std(0), torch.ones(flat.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(new_fresh, (old_fresh - mean) / std, atol=1e-4, rtol=1e-4)
+
+
 def test_patches_are_the_vit_token_order():
     views = torch.rand(2, 3, 64, 64)
     p = P.patches(views, 16)

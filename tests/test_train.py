@@ -2,6 +2,7 @@
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import data as D
 import train as T
 
 COMMON = ["--size", "tiny", "--batch", "4", "--micro-batch", "2", "--max-len", "320", "--eval-per-task", "0", "--from-scratch",
-          "--log-every", "1", "--lr", "2e-3", "--seed", "3"]
+          "--log-every", "1", "--lr", "2e-3", "--projector-lr", "2e-3", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,17 @@ def _worker(rank, world, port, argv, result_path):
     torch.distributed.destroy_process_group()
 
 
+def spawn(fn, args, world, timeout=240):
+    """Run fn(rank, *args) on `world` spawned processes; a hang fails the test instead of stalling CI."""
+    ctx = mp.start_processes(fn, args=args, nprocs=world, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} processes did not finish within {timeout} s (a collective hang?)")
+
+
 def run(world, argv, tmp_path, name):
     """Run train() on `world` processes; returns per-rank results and the consolidated final weights."""
     out = tmp_path / name
@@ -48,7 +60,7 @@ def run(world, argv, tmp_path, name):
         res = T.train(T.parse_args(argv))
         infos = [{"losses": res["losses"], "state_bytes": res["opt"].state_bytes()}]
     else:
-        mp.start_processes(_worker, args=(world, _free_port(), argv, str(result)), nprocs=world, start_method="spawn")
+        spawn(_worker, (world, _free_port(), argv, str(result)), world)
         infos = [json.loads(open(f"{result}.{r}").read()) for r in range(world)]
     return infos, load_file(str(out / "model.safetensors"))
 
@@ -95,6 +107,71 @@ def test_tiny_moe_tp2_matches_one_process(tokenizer, tmp_path):
     argv = COMMON + ["--steps", "2", "--tokenizer", tokenizer]
     argv[1] = "tiny-moe"
     _assert_same(run(1, argv, tmp_path, "moe1"), run(2, argv + ["--tp", "2"], tmp_path, "moe_tp2"))
+
+
+def _mostly_bad_data(tmp_path, n_good, n_bad):
+    """A JSONL data file whose bad records point at image files that exist but do not decode."""
+    from PIL import Image
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    lines = [{"image": "good.png" if i < n_good else "bad.png",
+              "conversations": [{"from": "human", "value": "<image>What color is it?"}, {"from": "gpt", "value": "Red."}]}
+             for i in range(n_good + n_bad)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "mixture.json").write_text(json.dumps({"datasets": [{"path": "data.jsonl", "ratio": 1}]}))
+    return str(tmp_path / "mixture.json")
+
+
+def test_dp2_skipping_bad_samples_never_hangs(tokenizer, tmp_path):
+    # 2 good records in 12: some steps leave one rank (or the whole batch) with nothing usable.
+    data = _mostly_bad_data(tmp_path, 2, 10)
+    argv = COMMON + ["--steps", "4", "--tokenizer", tokenizer, "--data", data, "--bad-input", "skip"]
+    infos, _ = run(2, argv, tmp_path, "skip")
+    assert len(infos[0]["losses"]) == 4 and infos[0]["losses"] == infos[1]["losses"]
+
+
+def test_all_samples_bad_stops_with_one_clear_line(tokenizer, tmp_path, capsys):
+    data = _mostly_bad_data(tmp_path, 0, 6)
+    argv = COMMON + ["--steps", "2", "--tokenizer", tokenizer, "--data", data, "--bad-input", "skip",
+                     "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match="(?s)no usable sample.*skipped .* bad samples.*not a readable image"):
+        T.train(T.parse_args(argv))
+
+
+def test_a_run_is_never_clobbered(tokenizer, tmp_path):
+    out = tmp_path / "run"
+    argv = COMMON + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "2", "--ckpt-every", "1"]
+    T.train(T.parse_args(argv))
+    trained = (out / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume .* or --overwrite"):
+        T.train(T.parse_args(argv))
+    assert (out / "model.safetensors").read_bytes() == trained
+    # The same step saved again (a resume with nothing left to do) gets a new name; `latest` names it,
+    # and rotation (by step, not by name) keeps it.
+    T.train(T.parse_args(argv + ["--resume"]))
+    assert (out / "latest").read_text() == "step-000002.1"
+    assert [p.name for p in T.checkpoints(out)] == ["step-000002", "step-000002.1"]
+    T.train(T.parse_args(argv + ["--overwrite", "--steps", "1"]))
+    assert [p.name for p in T.checkpoints(out)] == ["step-000001"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_run_directory_in_use_is_refused_and_a_dead_claim_taken_over(tokenizer, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = COMMON + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "1"]
+    (out / "lock").write_text(str(os.getppid()))                       # a live process
+    with pytest.raises(SystemExit, match="in use by another run"):
+        T.train(T.parse_args(argv))
+    dead = mp.get_context("spawn").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    (out / "lock").write_text(str(dead.pid))
+    T.train(T.parse_args(argv))
+    assert (out / "model.safetensors").exists() and not (out / "lock").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file"):
+        T.train(T.parse_args(COMMON + ["--tokenizer", tokenizer, "--out", str(tmp_path / "file"), "--steps", "1"]))
 
 
 def test_kill_and_resume_equals_uninterrupted(tokenizer, tmp_path):
@@ -151,6 +228,28 @@ def test_zero2_adamw_matches_torch_adamw():
             p.grad, r.grad = g.clone(), g.clone()
         opt.reduce_gradients()
         opt.step(1e-2, clip=0)
+        torch_opt.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), atol=1e-6, rtol=0)
+
+
+def test_zero2_lr_scale_matches_torch_param_groups():
+    # The fresh parts' own lr (--projector-lr): one bucket holds parameters of both rates.
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(6))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    mesh = T.Mesh(0, 1, 0, 1, 0, 1)
+    opt = T.ZeRO2([("llm.w", params[0]), ("mov.proj.0.bias", params[1])], mesh, lr=1e-3,
+                  lr_scale=lambda n: 1.0 if n.startswith("llm.") else 10.0)
+    torch_opt = torch.optim.AdamW([{"params": [ref[0]], "lr": 1e-3}, {"params": [ref[1]], "lr": 1e-2}],
+                                  betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    assert len(opt.buckets) == 1
+    for _ in range(4):
+        for p, r in zip(params, ref):
+            g = torch.randn_like(p)
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.reduce_gradients()
+        opt.step(1e-3, clip=0)
         torch_opt.step()
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.detach(), r.detach(), atol=1e-6, rtol=0)
