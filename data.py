@@ -256,15 +256,19 @@ class Skips:
     def __init__(self, policy: str = "error"):
         if policy not in ("error", "skip"):
             raise ValueError(f"policy must be 'error' or 'skip', not {policy!r}")
-        self.policy, self.reasons = policy, []
+        self.policy, self.reasons, self.draws = policy, [], 0
 
     def handle(self, err: DataError):
         if self.policy == "error":
             raise err
-        self.reasons.append(str(err))
+        # Counted per record: a bad record drawn again (a later epoch) is the same problem, said once.
+        self.draws += 1
+        if str(err) not in self.reasons:
+            self.reasons.append(str(err))
 
     def report(self) -> str:
-        return f"skipped {len(self.reasons)} bad samples" + "".join(f"\n  {r}" for r in self.reasons[:10])
+        again = f", {self.draws} draws" if self.draws > len(self.reasons) else ""
+        return (f"skipped {len(self.reasons)} bad samples{again}" + "".join(f"\n  {r}" for r in self.reasons[:10]))
 
 
 def load_dataset(path, image_root=None, skips: Skips | None = None) -> list[Sample]:

@@ -134,7 +134,7 @@ def test_all_samples_bad_stops_with_one_clear_line(tokenizer, tmp_path, capsys):
     data = _mostly_bad_data(tmp_path, 0, 6)
     argv = COMMON + ["--steps", "2", "--tokenizer", tokenizer, "--data", data, "--bad-input", "skip",
                      "--out", str(tmp_path / "run")]
-    with pytest.raises(SystemExit, match="(?s)no usable sample.*skipped .* bad samples.*not a readable image"):
+    with pytest.raises(SystemExit, match="(?s)no usable sample.*skipped 6 bad samples, 40 draws.*not a readable image"):
         T.train(T.parse_args(argv))
 
 
