@@ -20,6 +20,7 @@ import torch
 
 import data as D
 import model as M
+import released as R
 from checkpoint import CheckpointError, iter_safetensors, load_state_strict
 from moe import moe_layers, set_top_k
 from tiling import ImageError, canvas_to_photo, load_image, tile
@@ -84,8 +85,12 @@ def load(args):
         if not ckpt.exists():
             raise CheckpointError(f"no checkpoint at {ckpt}; make one with: torchrun train.py --size tiny "
                                   "(or pass --ckpt)")
-        model = M.load_sphinx(ckpt)
-        tok_path = args.tokenizer or ckpt.parent / "tokenizer.json"
+        if ckpt.is_dir():       # a released SPHINX-X directory (LLaMA2-Accessory's consolidated layout)
+            model = R.load_released(ckpt, dtype=torch.bfloat16 if args.device != "cpu" else torch.float32)
+            tok_path = args.tokenizer or ckpt / "tokenizer.model"
+        else:
+            model = M.load_sphinx(ckpt)
+            tok_path = args.tokenizer or ckpt.parent / "tokenizer.json"
     if not tok_path or not Path(tok_path).exists():
         raise CheckpointError(f"no tokenizer at {tok_path}; pass --tokenizer")
     if args.no_skip_tokens:

@@ -17,7 +17,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import data as D
 import model as M
+import released as R
 from checkpoint import CheckpointError, iter_safetensors, load_state_strict, read_safetensors_metadata
 from moe import moe_layers, total_aux_loss, track_usage, usage_report
 from parallel import shard, split_dim, unshard
@@ -287,7 +288,11 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphi
     """Every rank builds the same full model from the seed (a checkpoint, or the base with a fresh
     projector), then keeps its TP shard."""
     torch.manual_seed(args.seed)
-    if init_path:
+    if init_path and Path(init_path).is_dir():     # a released SPHINX-X directory
+        full = R.load_released(init_path, cfg)
+        if replace(full.cfg.llm, max_seq_len=cfg.llm.max_seq_len) != cfg.llm:      # the context length may differ
+            raise SystemExit(f"--init {init_path}: its LLM ({full.cfg.llm}) is not --size {args.size}'s ({cfg.llm})")
+    elif init_path:
         full = M.load_sphinx(init_path)
     elif args.base:
         full = M.load_base(args.base, cfg)
@@ -296,7 +301,7 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphi
     if mesh.tp == 1:
         model = full
     else:
-        model = M.build_sphinx(cfg, init=False, tp_group=mesh.tp_group)
+        model = M.build_sphinx(full.cfg, init=False, tp_group=mesh.tp_group)
         load_state_strict(model, ((n, shard(n, t, mesh.tp_rank, mesh.tp)) for n, t in M.unique_state_dict(full).items()))
         model.mov.freeze_encoders()
     model.llm.activation_checkpointing = args.activation_checkpointing

@@ -1,0 +1,235 @@
+"""released.py: LLaMA2-Accessory's consolidated checkpoints, read and written, against an independent
+float64 forward in the reference's own (Meta) layout."""
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data as D
+import model as M
+import released as R
+import sample as S
+import train as T
+from checkpoint import CheckpointError, unique_state_dict
+
+# A toy SPHINX-X: GQA LLM, the tiny encoders, no skip tokens (the released models have none).
+LLM = M.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=176, max_seq_len=512)
+CFG = replace(M.sphinx_config("tiny"), llm=LLM, skip_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def ours():
+    torch.manual_seed(0)
+    model = M.build_sphinx(CFG)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("norm.weight", "attention_norm.weight", "ffn_norm.weight")):
+                p.add_(0.3 * torch.randn_like(p))             # norms away from 1: a misplaced one shows
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(ours, tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    R.export_released(ours, root / "mp1", shards=1)
+    R.export_released(ours, root / "mp2", shards=2)
+    return root
+
+
+def _shard(path, r=0, n=1):
+    return torch.load(path / f"consolidated.{r:02d}-of-{n:02d}.model.pth", weights_only=True)["model"]
+
+
+def reference_names(cfg) -> dict:
+    """Names and shapes as the reference modules define them, without the `llma.` prefix:
+    accessory/model/LLM/llama_ens5_light.py (Transformer, Attention, FeedForward, visual_proj,
+    start_img/end_img), timm convnext.py (stem, stages.N.downsample, blocks' conv_dw/norm/mlp/gamma,
+    head.norm) and DINOv2's vision_transformer.py (patch_embed.proj, cls_token, pos_embed, mask_token,
+    blocks' norm1/attn.qkv/attn.proj/ls1.gamma/norm2/mlp/ls2.gamma, norm)."""
+    L, d, hd = cfg.llm, cfg.llm.dim, cfg.llm.head_dim
+    out = {"tok_embeddings.weight": (L.vocab_size, d), "norm.weight": (d,), "output.weight": (L.vocab_size, d),
+           "visual_proj.0.weight": (d, cfg.convnext.dims[-1] + cfg.vit.dim), "visual_proj.0.bias": (d,),
+           "visual_proj.1.weight": (d,), "visual_proj.1.bias": (d,), "start_img": (1, 1, d), "end_img": (1, 1, d)}
+    for i in range(L.n_layers):
+        p = f"layers.{i}."
+        out.update({p + "attention.wq.weight": (L.n_heads * hd, d), p + "attention.wk.weight": (L.n_kv_heads * hd, d),
+                    p + "attention.wv.weight": (L.n_kv_heads * hd, d), p + "attention.wo.weight": (d, L.n_heads * hd),
+                    p + "feed_forward.w1.weight": (L.ffn_dim, d), p + "feed_forward.w3.weight": (L.ffn_dim, d),
+                    p + "feed_forward.w2.weight": (d, L.ffn_dim), p + "attention_norm.weight": (d,),
+                    p + "ffn_norm.weight": (d,)})
+    cn, c = "openclip_convnext_xxl.", cfg.convnext
+    out.update({cn + "stem.0.weight": (c.dims[0], 3, 4, 4), cn + "stem.0.bias": (c.dims[0],),
+                cn + "stem.1.weight": (c.dims[0],), cn + "stem.1.bias": (c.dims[0],),
+                cn + "head.norm.weight": (c.dims[-1],), cn + "head.norm.bias": (c.dims[-1],)})
+    for i, (depth, dim) in enumerate(zip(c.depths, c.dims)):
+        s = f"{cn}stages.{i}."
+        if i:
+            out.update({s + "downsample.0.weight": (c.dims[i - 1],), s + "downsample.0.bias": (c.dims[i - 1],),
+                        s + "downsample.1.weight": (dim, c.dims[i - 1], 2, 2), s + "downsample.1.bias": (dim,)})
+        for j in range(depth):
+            b = f"{s}blocks.{j}."
+            out.update({b + "conv_dw.weight": (dim, 1, 7, 7), b + "conv_dw.bias": (dim,), b + "norm.weight": (dim,),
+                        b + "norm.bias": (dim,), b + "mlp.fc1.weight": (4 * dim, dim), b + "mlp.fc1.bias": (4 * dim,),
+                        b + "mlp.fc2.weight": (dim, 4 * dim), b + "mlp.fc2.bias": (dim,), b + "gamma": (dim,)})
+    vt, v = "dinov2_vitg14.", cfg.vit
+    out.update({vt + "patch_embed.proj.weight": (v.dim, 3, v.patch, v.patch), vt + "patch_embed.proj.bias": (v.dim,),
+                vt + "cls_token": (1, 1, v.dim), vt + "pos_embed": (1, 1 + v.pos_grid ** 2, v.dim),
+                vt + "mask_token": (1, v.dim), vt + "norm.weight": (v.dim,), vt + "norm.bias": (v.dim,)})
+    for j in range(v.depth):
+        b = f"{vt}blocks.{j}."
+        for n, shape in (("norm1", (v.dim,)), ("norm2", (v.dim,)), ("attn.qkv", (3 * v.dim, v.dim)),
+                         ("attn.proj", (v.dim, v.dim)), ("mlp.fc1", (v.hidden, v.dim)), ("mlp.fc2", (v.dim, v.hidden))):
+            out[f"{b}{n}.weight"] = shape
+            out[f"{b}{n}.bias"] = (shape[0],)
+        out[b + "ls1.gamma"] = (v.dim,)
+        out[b + "ls2.gamma"] = (v.dim,)
+    return out
+
+
+def meta_forward(sd: dict, args: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """Text-only logits, float64, straight from reference-layout tensors as llama.py computes them:
+    RoPE on adjacent pairs (complex multiplication), k/v heads repeated (repeat_kv), SwiGLU."""
+    d, H, KV = args["dim"], args["n_heads"], args["n_kv_heads"]
+    hd, T = d // H, len(tokens)
+    g = lambda k: sd["llma." + k].double()
+    inv = 1.0 / args["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    cis = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), torch.outer(torch.arange(T, dtype=torch.float64), inv))
+    rms = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + args["norm_eps"]) * w
+
+    def rope(x):
+        c = torch.view_as_complex(x.reshape(T, x.shape[1], hd // 2, 2).contiguous())
+        return torch.view_as_real(c * cis[:, None]).reshape(x.shape)
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    x = g("tok_embeddings.weight")[tokens]
+    for i in range(args["n_layers"]):
+        p = f"layers.{i}."
+        h = rms(x, g(p + "attention_norm.weight"))
+        q = rope((h @ g(p + "attention.wq.weight").T).view(T, H, hd))
+        k = rope((h @ g(p + "attention.wk.weight").T).view(T, KV, hd)).repeat_interleave(H // KV, 1)
+        v = (h @ g(p + "attention.wv.weight").T).view(T, KV, hd).repeat_interleave(H // KV, 1)
+        a = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / hd ** 0.5 + mask, -1)
+        x = x + torch.einsum("hqk,khd->qhd", a, v).reshape(T, d) @ g(p + "attention.wo.weight").T
+        h = rms(x, g(p + "ffn_norm.weight"))
+        x = x + (F.silu(h @ g(p + "feed_forward.w1.weight").T) * (h @ g(p + "feed_forward.w3.weight").T)) \
+            @ g(p + "feed_forward.w2.weight").T
+    return rms(x, g("norm.weight")) @ g("output.weight").T
+
+
+def test_export_writes_exactly_the_reference_names_and_shapes(exported):
+    sd = _shard(exported / "mp1")
+    want = {"llma." + k: v for k, v in reference_names(CFG).items()}
+    assert {k: tuple(t.shape) for k, t in sd.items()} == want
+    args = json.loads((exported / "mp1" / "config.json").read_text())
+    assert R.reference_ffn_dim(args) == LLM.ffn_dim and json.loads((exported / "mp1" / "meta.json").read_text()) == \
+        {"llama_type": "llama_ens5_light"}
+
+
+def test_reference_layout_logits_match_ours_after_loading(ours, exported):
+    # The independent oracle reads the exported tensors the way the reference does (pairwise RoPE);
+    # our model loaded from them must compute the same logits (and so must the original).
+    sd = _shard(exported / "mp1")
+    args = json.loads((exported / "mp1" / "config.json").read_text())
+    tokens = torch.randint(0, LLM.vocab_size, (23,), generator=torch.Generator().manual_seed(1))
+    want = meta_forward(sd, args, tokens)
+    loaded = R.load_released(exported / "mp1", CFG)
+    with torch.no_grad():
+        for m in (loaded, ours):
+            got = m.llm(tokens[None])[0][0].double()
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert not loaded.cfg.skip_tokens
+
+
+def test_one_and_two_shards_load_identically_and_round_trip_bit_for_bit(ours, exported):
+    a, b = _shard(exported / "mp2", 0, 2), _shard(exported / "mp2", 1, 2)
+    wq = "llma.layers.0.attention.wq.weight"
+    assert a[wq].shape[0] == LLM.n_heads * LLM.head_dim // 2                      # really split (column: dim 0)
+    assert a["llma.tok_embeddings.weight"].shape[1] == LLM.dim // 2               # ParallelEmbedding: dim 1
+    assert a["llma.layers.1.attention.wo.weight"].shape[1] == LLM.dim // 2        # row-parallel: dim 1
+    assert torch.equal(a["llma.visual_proj.0.weight"], b["llma.visual_proj.0.weight"])   # replicated
+    want = unique_state_dict(ours)
+    for mp in ("mp1", "mp2"):
+        got = unique_state_dict(R.load_released(exported / mp, CFG))
+        assert got.keys() == want.keys()
+        for k in want:
+            if k != "skip_token":                       # never in the released layout
+                assert torch.equal(got[k], want[k]), (mp, k)
+
+
+def test_reference_args_reproduce_any_ffn_width():
+    for dim, ffn in ((64, 176), (64, 96), (2048, 5632), (4096, 11008), (5120, 13824)):
+        args = R.reference_args(replace(LLM, dim=dim, ffn_dim=ffn, n_heads=4, n_kv_heads=4))
+        assert R.reference_ffn_dim(args) == ffn
+    # LLaMA-2-13B as the reference writes it: multiple_of 256, no multiplier.
+    assert R.reference_ffn_dim({"dim": 5120, "multiple_of": 256}) == 13824
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+class _Evil:
+    def __reduce__(self):
+        return os.system, ("touch pwned-by-pickle",)
+
+
+def test_hostile_directories_fail_with_one_clear_error(exported, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = _copy(exported / "mp2", tmp_path / "missing")
+    (bad / "consolidated.01-of-02.model.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"2 model-parallel shards expected, missing rank\(s\) \[1\]"):
+        R.load_released(bad, CFG)
+    bad = _copy(exported / "mp2", tmp_path / "mixed")
+    (bad / "consolidated.00-of-03.model.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="several model-parallel sizes"):
+        R.load_released(bad, CFG)
+    bad = _copy(exported / "mp1", tmp_path / "extra")
+    sd = _shard(bad)
+    sd["llma.extra.weight"] = torch.zeros(3)
+    torch.save({"model": sd}, bad / "consolidated.00-of-01.model.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected \(1\): extra.weight"):
+        R.load_released(bad, CFG)
+    bad = _copy(exported / "mp1", tmp_path / "evil")
+    torch.save({"model": {"llma.norm.weight": _Evil()}}, bad / "consolidated.00-of-01.model.pth")
+    with pytest.raises(CheckpointError, match="refused, not a plain tensor file"):
+        R.load_released(bad, CFG)
+    assert not (tmp_path / "pwned-by-pickle").exists()
+    bad = _copy(exported / "mp1", tmp_path / "moe")
+    (bad / "meta.json").write_text(json.dumps({"llama_type": "mixtral_sparse_ens5"}))
+    with pytest.raises(CheckpointError, match="not supported.*Q-Former"):
+        R.load_released(bad, CFG)
+    with pytest.raises(CheckpointError, match="exists; export into a new directory"):
+        R.export_released(R.load_released(exported / "mp1", CFG), exported / "mp1")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    D.train_tokenizer(T.tokenizer_corpus(0, 128, n=200), LLM.vocab_size, path)
+    return str(path)
+
+
+def test_sample_answers_from_a_released_directory(exported, tokenizer, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    # A released directory gets the paper's vision side (sphinx-tiny's); here that is the toy's.
+    monkeypatch.setitem(M.SIZES, "sphinx-tiny", lambda: CFG)
+    Image.new("RGB", (90, 40), (20, 200, 30)).save(tmp_path / "photo.png")
+    rc = S.main([str(tmp_path / "photo.png"), "What is this?", "--ckpt", str(exported / "mp2"), "--tokenizer", tokenizer,
+                 "--max-new-tokens", "5", "--temperature", "0"])
+    assert rc == 0 and "error" not in capsys.readouterr().err
+
+
+def test_train_starts_from_a_released_directory(exported, tokenizer, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(M.SIZES, "toy", lambda: CFG)
+    argv = ["--size", "toy", "--init", str(exported / "mp1"), "--tokenizer", tokenizer, "--steps", "2", "--batch", "2",
+            "--micro-batch", "1", "--max-len", "320", "--eval-per-task", "0", "--out", str(tmp_path / "run")]
+    res = T.train(T.parse_args(argv))
+    assert len(res["losses"]) == 2 and all(l == l for l in res["losses"])
+    monkeypatch.setitem(M.SIZES, "toy", lambda: replace(CFG, llm=replace(LLM, n_layers=3)))
+    with pytest.raises(SystemExit, match="its LLM .* is not --size toy's"):
+        T.train(T.parse_args(argv[:-1] + [str(tmp_path / "run2")]))
