@@ -61,6 +61,20 @@ class Tokenizer:
         ids = self._sp.EncodeAsIds(text) if self._sp else self._hf.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + list(ids) + ([self.eos_id] if eos else [])
 
+    def encode_segment(self, text: str) -> list[int]:
+        """A piece cut from a longer text, tokenised as it appears inside that text (the reference's
+        encode_segment): LLaMA-style SentencePiece adds the word-start marker by itself, while a
+        byte-level BPE needs the space that precedes the piece."""
+        text = text.lstrip(" ")
+        return self.encode(" " + text if self.needs_space_before_segment else text)
+
+    @property
+    def needs_space_before_segment(self) -> bool:
+        if not hasattr(self, "_space"):       # probed once, as the reference does
+            whole, tail = self.encode("Hi my darling"), self.encode("my darling")
+            self._space = whole[-len(tail):] != tail
+        return self._space
+
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         return self._sp.DecodeIds(ids) if self._sp else self._hf.decode(ids, skip_special_tokens=True)
@@ -162,18 +176,41 @@ def encode(sample: Sample, tok: Tokenizer, max_len: int, layout: ImageLayout) ->
     img = sample.load_image()
     tiles = tile(img, layout.canvas, layout.grid) if img is not None else None
     n_img = layout.block_len(tiles.fully_padded) if tiles is not None else 0
-    pieces = [(tok.encode(text), is_t) for text, is_t in render(sample.turns)]
-    while pieces and 1 + n_img + sum(len(p) for p, _ in pieces) > max_len:
-        pieces = pieces[:-2]                                 # drop the last (question, answer) turn
-    if not pieces:
+    for n_turns in range(len(sample.turns), 0, -1):          # drop trailing turns until it fits
+        tokens, is_target = tokenize_conversation(tok, sample.turns[:n_turns], sample.source)
+        if n_img + len(tokens) <= max_len:
+            break
+    else:
         raise DataError(f"{sample.source}: does not fit max_len {max_len} even with one turn "
                         f"({n_img} image tokens); nothing left to learn")
-    tokens, is_target = [tok.bos_id], [False]
-    for ids, is_t in pieces:
-        tokens += ids
-        is_target += [is_t] * len(ids)
     targets = [t if tgt else IGNORE_INDEX for t, tgt in zip(tokens[1:], is_target[1:])] + [IGNORE_INDEX]
     return Encoded(tokens, targets, tiles, n_img, sample.task, sample.source)
+
+
+def tokenize_conversation(tok: Tokenizer, turns, source: str = "") -> tuple[list[int], list[bool]]:
+    """BOS + the whole rendered conversation encoded once, as the reference does, so training ids are
+    the ids the model later sees at inference; each answer ('{a}\\n###') is found in them by the
+    reference's sub-list search, and its tokens are the targets."""
+    segs = render(turns)
+    tokens = [tok.bos_id] + tok.encode("".join(t for t, _ in segs))
+    is_target, pos = [False] * len(tokens), 1
+    for text, is_t in segs:
+        if is_t:
+            value = tok.encode_segment(text)
+            at = find_sublist(tokens, value, pos)
+            if at < 0:
+                raise DataError(f"{source}: an answer tokenises differently inside the conversation ({text.strip()!r})")
+            is_target[at:at + len(value)] = [True] * len(value)
+            pos = at + len(value)
+    return tokens, is_target
+
+
+def find_sublist(a: list, b: list, start: int = 0) -> int:
+    """First index >= start where b occurs in a, or -1."""
+    for i in range(start, len(a) - len(b) + 1):
+        if a[i:i + len(b)] == b:
+            return i
+    return -1
 
 
 def estimate_len(sample: Sample, tok: Tokenizer, layout: ImageLayout) -> int:

@@ -309,3 +309,37 @@ def test_scene_text_is_the_detection_answer_plus_the_word():
     text = D.scene_text(s.truth["objects"], s.truth["word"], s.image.size, 128)
     assert text.startswith(s.turns[0][1] + ", the word " + s.truth["word"]["text"] + " [")
     assert D.scene_text([], None, (10, 10), 128) == "an empty background"
+
+
+@pytest.fixture(scope="module")
+def llama_sp(tmp_path_factory):
+    """A SentencePiece model with LLaMA's settings (BPE, identity normaliser, dummy prefix, byte
+    fallback, digits split, whitespace kept), trained on rendered synthetic conversations."""
+    import sentencepiece as spm
+    d = tmp_path_factory.mktemp("llama_sp")
+    texts = [D.prompt_text(s.turns) for s in D.train_samples(5, 300, 128, 3)]
+    (d / "corpus.txt").write_text("\n".join(t.replace("\n", " ") for t in texts))
+    spm.SentencePieceTrainer.Train(input=str(d / "corpus.txt"), model_prefix=str(d / "llama"), vocab_size=600,
+                                   model_type="bpe", normalization_rule_name="identity", add_dummy_prefix=True,
+                                   byte_fallback=True, split_digits=True, remove_extra_whitespaces=False,
+                                   allow_whitespace_only_pieces=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2)
+    return Tokenizer(d / "llama.model")
+
+
+def test_sentencepiece_training_ids_are_the_inference_ids_for_every_turn(llama_sp):
+    tok = llama_sp
+    assert not tok.needs_space_before_segment                # LLaMA-style: the word-start marker is implicit
+    differs = 0
+    for i in range(30):
+        s = D.synthetic_sample(7, "train", i, 128, tasks_per_image=3)
+        enc = D.encode(s, tok, 4096, LAYOUT)
+        assert enc.tokens == [tok.bos_id] + tok.encode(D.prompt_text(s.turns))        # encoded once
+        for k, (q, a) in enumerate(s.turns):
+            prompt = D.prompt_tokens(tok, s.turns[:k] + [(q, None)])
+            assert enc.tokens[:len(prompt)] == prompt                                  # what inference sees
+            answer = [t for t, tgt in zip(enc.tokens[len(prompt):], enc.targets[len(prompt) - 1:]) if tgt != D.IGNORE_INDEX]
+            assert tok.decode(answer[:len(tok.encode_segment(a + "\n###"))]) == a + "\n###"
+        per_segment = [tok.bos_id] + [i for t, _ in D.render(s.turns) for i in tok.encode(t)]
+        differs += per_segment != enc.tokens
+    assert differs == 30            # encoding each segment apart (the old way) puts stray '▁' tokens in
