@@ -43,6 +43,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    rope_dynamic_factor: float = 0.0   # >0: dynamic NTK RoPE past rope_original_max (InternLM2's rope_scaling)
+    rope_original_max: int = 0
     n_experts: int = 0           # 0: dense FFN; >0: Mixtral sparse MoE (moe.py)
     top_k: int = 2               # experts per token; changeable at inference (paper A.1)
 
@@ -108,6 +110,15 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
     cos, sin = angles.cos(), angles.sin()
     # The half-split ("rotate_half") layout of HF weights; sin carries rotate_half's sign.
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def rope_theta_at(cfg: "ModelConfig", end: int) -> float:
+    """The RoPE base for a forward whose last position is end - 1. Dynamic NTK scaling (as transformers'
+    "dynamic" rope_type) raises the base once the sequence passes the trained length; below it nothing changes."""
+    if not cfg.rope_dynamic_factor or end <= cfg.rope_original_max:
+        return cfg.rope_theta
+    f, hd = cfg.rope_dynamic_factor, cfg.head_dim
+    return cfg.rope_theta * (f * end / cfg.rope_original_max - (f - 1)) ** (hd / (hd - 2))
 
 
 def apply_rope(x, cos, sin):
@@ -264,11 +275,12 @@ class Transformer(nn.Module):
         T = h.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len {self.cfg.max_seq_len}")
-        if self.rope_table is not None and start_pos + T <= len(self.rope_table[0]):
+        theta = rope_theta_at(self.cfg, start_pos + T)
+        if self.rope_table is not None and start_pos + T <= len(self.rope_table[0]) and theta == self.cfg.rope_theta:
             cos, sin = (t[start_pos:start_pos + T] for t in self.rope_table)
         else:
             positions = torch.arange(start_pos, start_pos + T, device=h.device)
-            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, theta)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 # Recompute each block in backward: activation memory of one block instead of all.
@@ -358,14 +370,19 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     if not any(k in arch for k in ("llama", "internlm2", "mistral", "mixtral")):
         raise CheckpointError(f"unsupported architecture {arch!r}: expected Llama, InternLM2, Mistral or Mixtral")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise CheckpointError(f"rope scaling {rope} is not supported")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "dynamic", None):
+        raise CheckpointError(f"rope scaling {rope} is not supported (only dynamic NTK)")
+    max_pos = hf.get("max_position_embeddings", 4096)
+    factor = float(rope.get("factor", 1.0)) if kind == "dynamic" else 0.0
     cfg = ModelConfig(
         dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         vocab_size=hf["vocab_size"], ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-5),
         rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta", 10000.0)),
-        max_seq_len=hf.get("max_position_embeddings", 4096),
+        # Dynamic NTK has no hard end; allow the factor's multiple of the trained length.
+        max_seq_len=int(max_pos * factor) if factor > 1 else max_pos,
+        rope_dynamic_factor=factor if factor > 1 else 0.0, rope_original_max=max_pos if factor > 1 else 0,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         n_experts=hf.get("num_local_experts", 0), top_k=hf.get("num_experts_per_tok", 2))
     if hf.get("head_dim") not in (None, cfg.head_dim):

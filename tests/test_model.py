@@ -318,3 +318,43 @@ def test_sphinx_sizes_and_checkpoint_roundtrip(tiny_sphinx, tmp_path):
     assert not back.cfg.skip_tokens and back.cfg.llm == tiny_sphinx.cfg.llm
     for (k, a), (_, b) in zip(tiny_sphinx.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_dynamic_ntk_rope_matches_transformers_past_the_trained_length(tmp_path):
+    # InternLM2's published config scales RoPE dynamically (rope_scaling type "dynamic"); transformers
+    # implements it for Llama, so a Llama with the same setting is the oracle. Trained length 16 here.
+    ref = make_hf_llama(tmp_path, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 50000.0})
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path, max_position_embeddings=16).eval()
+    ref.save_pretrained(tmp_path)
+    ours = M.load_hf(tmp_path).eval()
+    assert (ours.cfg.rope_dynamic_factor, ours.cfg.rope_original_max, ours.cfg.max_seq_len) == (2.0, 16, 32)
+    for T in (12, 31):                                   # below (unchanged) and past the trained length
+        tokens = torch.randint(0, 320, (2, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(tokens)[0], ref(tokens).logits, atol=1e-4, rtol=0)
+    # Decoding with a KV cache crosses the threshold one token at a time, as transformers does.
+    tokens = torch.randint(0, 320, (1, 28), generator=torch.Generator().manual_seed(5))
+    ours.setup_cache(1, 32)
+    with torch.no_grad():
+        hf = ref(tokens[:, :10], use_cache=True)
+        mine = ours(tokens[:, :10])[0]
+        torch.testing.assert_close(mine, hf.logits, atol=1e-4, rtol=0)
+        past = hf.past_key_values
+        for p in range(10, 28):
+            hf = ref(tokens[:, p:p + 1], past_key_values=past, use_cache=True)
+            past = hf.past_key_values
+            torch.testing.assert_close(ours.decode_step(tokens[:, p:p + 1], p), hf.logits, atol=1e-4, rtol=0)
+    ours.clear_cache()
+
+
+def test_internlm2_config_with_dynamic_rope_scaling_loads():
+    # The shape of InternLM2-7B's config.json (InternLM2's remote code reads rope_scaling {"type", "factor"}).
+    hf = {"architectures": ["InternLM2ForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32,
+          "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 92544, "intermediate_size": 14336,
+          "rms_norm_eps": 1e-5, "rope_theta": 1000000, "max_position_embeddings": 32768,
+          "rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    cfg, layout = M.config_from_hf(hf)
+    assert layout == "internlm2" and (cfg.rope_dynamic_factor, cfg.rope_original_max) == (2.0, 32768)
+    assert M.rope_theta_at(cfg, 32768) == 1e6 and M.rope_theta_at(cfg, 65536) == pytest.approx(1e6 * 3 ** (128 / 126))
+    with pytest.raises(M.CheckpointError, match="only dynamic NTK"):
+        M.config_from_hf(hf | {"rope_scaling": {"type": "yarn", "factor": 4.0}})
