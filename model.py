@@ -642,6 +642,29 @@ def load_base(path, cfg: SphinxConfig, device="cpu", dtype=torch.float32) -> Sph
     return model
 
 
+def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+    """The fields that shape the weights agree (context length and RoPE scaling may differ)."""
+    keep = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings", "n_experts")
+    return all(getattr(a, k) == getattr(b, k) for k in keep)
+
+
+def load_parts(cfg: SphinxConfig, llm_dir, convnext_path, vit_path, device="cpu", dtype=torch.float32) -> Sphinx:
+    """The paper's start (Sec. 3.2): a pretrained HF-format LLM and the two pretrained encoders (HF, timm
+    or DINOv2 layouts), with a fresh projector, image tags and skip token. The LLM keeps its own
+    config.json's context length and RoPE settings."""
+    from vision import load_encoder
+    llm = load_hf(llm_dir, device, dtype)
+    if not same_architecture(llm.cfg, cfg.llm):
+        raise CheckpointError(f"{llm_dir}: its LLM ({llm.cfg}) is not this size's ({cfg.llm})")
+    cfg = replace(cfg, llm=llm.cfg)
+    model = build_sphinx(cfg, device, dtype)                  # random init: the fresh parts
+    model.llm = llm
+    load_encoder(model.mov.convnext, convnext_path, dtype, device)
+    load_encoder(model.mov.vit, vit_path, dtype, device)
+    model.mov.freeze_encoders()
+    return model
+
+
 def base_summary(path) -> dict:
     return json.loads(read_safetensors_metadata(path).get("summary", "{}"))
 

@@ -60,7 +60,7 @@ def assemble(args) -> M.Sphinx:
     cfg = M.sphinx_config(args.size)
     model = M.build_sphinx(cfg, init=False)
     model.llm = M.load_hf(args.llm)
-    if model.llm.cfg != cfg.llm:
+    if not M.same_architecture(model.llm.cfg, cfg.llm):
         raise CheckpointError(f"{args.llm}: its config differs from {args.size}'s LLM")
     load_encoder(model.mov.convnext, args.convnext)
     load_encoder(model.mov.vit, args.dinov2)

@@ -65,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--base", default=None,
                    help="pretrained LLM + encoders (pretrain.py) for a CPU size; default base/tiny.safetensors")
     p.add_argument("--from-scratch", action="store_true", help="CPU sizes: random LLM and encoders, no base")
+    p.add_argument("--llm", default=None, help="paper sizes: the pretrained LLM (HF-format directory)")
+    p.add_argument("--convnext", default=None, help="paper sizes: the pretrained CLIP-ConvNeXt (safetensors or HF dir)")
+    p.add_argument("--dinov2", default=None, help="paper sizes: the pretrained DINOv2 (safetensors or HF dir)")
+    p.add_argument("--epochs", type=float, default=1.0,
+                   help="with --data and no --steps: passes over the data's records (the paper trains 1)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run")
     p.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
@@ -89,6 +94,12 @@ def parse_args(argv=None):
         args.base = str(DEFAULT_BASE)
     if args.base and not Path(args.base).exists():
         p.error(f"no base at {args.base}; make it with `python pretrain.py` or pass --from-scratch")
+    parts = [k for k in ("llm", "convnext", "dinov2") if getattr(args, k)]
+    if parts and len(parts) < 3:
+        p.error("the paper's start needs all of --llm, --convnext and --dinov2 (missing: "
+                f"{', '.join('--' + k for k in ('llm', 'convnext', 'dinov2') if not getattr(args, k))})")
+    if not args.steps and args.data == "synthetic":
+        p.error(f"--size {args.size}: give --steps (the synthetic data has no epochs) or --data mixture.json")
     return args
 
 
@@ -290,10 +301,12 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphi
     torch.manual_seed(args.seed)
     if init_path and Path(init_path).is_dir():     # a released SPHINX-X directory
         full = R.load_released(init_path, cfg)
-        if replace(full.cfg.llm, max_seq_len=cfg.llm.max_seq_len) != cfg.llm:      # the context length may differ
+        if not M.same_architecture(full.cfg.llm, cfg.llm):
             raise SystemExit(f"--init {init_path}: its LLM ({full.cfg.llm}) is not --size {args.size}'s ({cfg.llm})")
     elif init_path:
         full = M.load_sphinx(init_path)
+    elif args.llm:
+        full = M.load_parts(cfg, args.llm, args.convnext, args.dinov2)
     elif args.base:
         full = M.load_base(args.base, cfg)
     else:
@@ -588,6 +601,10 @@ def _train(args, mesh) -> dict:
     entries = ([{"path": "synthetic", "ratio": 1.0, "tasks_per_image": args.tasks_per_image}] if args.data == "synthetic"
                else D.read_mixture(args.data))
     source = D.SampleSource(entries, args.seed, cfg.canvas, skips=skips)
+    if not args.steps:            # the paper's length: epochs over the records (Sec. 4.1 trains one)
+        records = sum(len(d) for d in source.datasets if d != "synthetic")
+        args.steps = max(1, math.ceil(args.epochs * records / args.batch))
+        log(f"{args.epochs:g} epoch(s) of {records:,} records at batch {args.batch} = {args.steps:,} steps")
     # The batcher's unit is the whole global batch, so its composition does not depend on DP or accumulation.
     batcher = D.Batcher(source, tok, model.layout, args.max_len, args.batch, rank=mesh.dp_rank, world=mesh.dp)
     step, losses = 0, []

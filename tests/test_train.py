@@ -322,3 +322,47 @@ def test_a_missing_base_is_one_clear_error(tmp_path, capsys):
         T.parse_args(["--size", "tiny", "--base", str(tmp_path / "nope.safetensors")])
     err = capsys.readouterr().err
     assert "no base at" in err and "python pretrain.py" in err
+
+
+def test_paper_start_from_pretrained_parts_with_epochs(tmp_path, monkeypatch, capsys):
+    # Item: the paper's recipe starts from a pretrained HF LLM and the two pretrained encoders, with a
+    # fresh projector; random toy parts written by transformers' save_pretrained stand in for them.
+    import transformers
+    from dataclasses import replace
+    import model as M
+    import vision as V
+    torch.manual_seed(0)
+    llm_cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    transformers.LlamaForCausalLM(llm_cfg).save_pretrained(tmp_path / "llm")
+    transformers.ConvNextModel(transformers.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                                           layer_norm_eps=1e-6)).save_pretrained(tmp_path / "convnext")
+    transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                       image_size=56, patch_size=14, mlp_ratio=4)).save_pretrained(tmp_path / "dinov2")
+    cfg = M.SphinxConfig(M.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=176),
+                         V.ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), input_size=128),
+                         V.ViTConfig(dim=32, depth=2, heads=4, patch=14, pos_grid=4, ffn="mlp"), canvas=112, grid=2)
+    monkeypatch.setitem(M.SIZES, "toy-paper", lambda: cfg)
+    tok = tmp_path / "tokenizer.json"
+    D.train_tokenizer(T.tokenizer_corpus(0, 128, n=200), 512, tok)
+    from PIL import Image
+    Image.new("RGB", (90, 40), (20, 200, 30)).save(tmp_path / "img.png")
+    rec = {"image": "img.png", "conversations": [{"from": "human", "value": "<image>Colour?"}, {"from": "gpt", "value": "Green."}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps(rec) + "\n" + json.dumps(rec) + "\n")
+    (tmp_path / "mix.json").write_text(json.dumps({"datasets": [{"path": "d.jsonl", "ratio": 1}]}))
+    argv = ["--size", "toy-paper", "--llm", str(tmp_path / "llm"), "--convnext", str(tmp_path / "convnext"),
+            "--dinov2", str(tmp_path / "dinov2"), "--tokenizer", str(tok), "--data", str(tmp_path / "mix.json"),
+            "--batch", "2", "--micro-batch", "1", "--max-len", "320", "--epochs", "2", "--eval-per-task", "0",
+            "--out", str(tmp_path / "run")]
+    res = T.train(T.parse_args(argv))
+    assert len(res["losses"]) == 3 and "2 epoch(s) of 3 records at batch 2 = 3 steps" in capsys.readouterr().out
+    model = res["model"]
+    ref = M.load_hf(tmp_path / "llm")
+    # The encoders are the given ones, frozen; the LLM trained away from its start; the projector is fresh.
+    hf_vit = V.load_encoder(M.build_sphinx(cfg, init=False).mov.vit, tmp_path / "dinov2")
+    assert torch.equal(model.mov.vit.blocks[0].qkv.weight, hf_vit.blocks[0].qkv.weight)
+    assert not torch.equal(model.llm.layers[0].attention.wq.weight, ref.layers[0].attention.wq.weight)
+    with pytest.raises(SystemExit):
+        T.parse_args(argv[:4] + ["--tokenizer", str(tok)])      # --llm without the encoders
+    with pytest.raises(SystemExit):
+        T.parse_args(["--size", "sphinx-tiny"])                 # synthetic data and no --steps
