@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tiling import ImageError, ImageLayout, Tiles, format_box, load_image, photo_to_canvas, tile
+from tiling import ImageError, ImageLayout, Tiles, centered_to_photo, format_box, load_image, photo_to_canvas, tile
 
 
 class Tokenizer:
@@ -231,15 +231,27 @@ def check_boxes(text: str, source: str):
             raise DataError(f"{source}: box {m.group(0)} is outside [0, 1] (boxes are normalised canvas coordinates)")
 
 
-def record_to_sample(rec, source: str, image_root: Path | None) -> Sample:
-    """A LLaVA-style record {"image"?, "conversations": [{"from": "human"|"gpt", "value"}]} -> Sample."""
+def record_to_sample(rec, source: str, image_root: Path | None, boxes: str = "canvas", canvas: int = 448) -> Sample:
+    """A LLaVA-style record {"image"?, "conversations": [{"from": "human"|"gpt", "value"}]} -> Sample.
+    boxes "centered": the record's boxes are relative to the photo centred in a padded square (the
+    reference's datasets); they are rewritten into ours (photo at the top-left of the canvas)."""
     if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
         raise DataError(f"{source}: record has no 'conversations' list")
+    image_path = None
+    if rec.get("image"):
+        image_path = str((image_root or Path(".")) / rec["image"])
+        if not Path(image_path).exists():
+            raise DataError(f"{source}: image {image_path} does not exist")
+        if Path(image_path).is_dir():
+            raise DataError(f"{source}: image {image_path} is a directory, not an image file")
+    convert = _centered_box_converter(image_path, source, canvas) if boxes == "centered" else None
     turns, q = [], None
     for msg in rec["conversations"]:
         if not isinstance(msg, dict) or not isinstance(msg.get("value"), str):
             raise DataError(f"{source}: a conversation message has no string 'value'")
         role, text = msg.get("from"), msg["value"].replace("<image>", "").strip()
+        if convert:
+            text = BOX_RE.sub(convert, text)
         check_boxes(text, source)
         if role in ("human", "user"):
             q = text if q is None else q + "\n" + text
@@ -252,12 +264,25 @@ def record_to_sample(rec, source: str, image_root: Path | None) -> Sample:
             raise DataError(f"{source}: unknown role {role!r} (expected human or gpt)")
     if not turns:
         raise DataError(f"{source}: record has no assistant turn, nothing to learn")
-    image_path = None
-    if rec.get("image"):
-        image_path = str((image_root or Path(".")) / rec["image"])
-        if not Path(image_path).exists():
-            raise DataError(f"{source}: image {image_path} does not exist")
+    if q is not None:
+        raise DataError(f"{source}: the conversation ends with a human turn nobody answers")
     return Sample(turns, task=rec.get("task", "image" if image_path else "text"), source=source, image_path=image_path)
+
+
+def _centered_box_converter(image_path, source: str, canvas: int):
+    """re.sub callback: a box or point relative to the centred padded square -> our canvas coordinates."""
+    if image_path is None:
+        raise DataError(f"{source}: boxes relative to the centred square need the record's image")
+    try:
+        with Image.open(image_path) as im:         # the header only: no decoding
+            size = im.size
+    except Exception as e:                         # PIL raises many types for a bad file
+        raise DataError(f"{source}: {image_path}: not a readable image ({e})") from None
+
+    def convert(m):
+        vals = [float(v) for v in m.groups() if v is not None]
+        return format_box(photo_to_canvas(centered_to_photo(vals, size), size, canvas))
+    return convert
 
 
 def read_records(path):
@@ -308,14 +333,15 @@ class Skips:
         return (f"skipped {len(self.reasons)} bad samples{again}" + "".join(f"\n  {r}" for r in self.reasons[:10]))
 
 
-def load_dataset(path, image_root=None, skips: Skips | None = None) -> list[Sample]:
+def load_dataset(path, image_root=None, skips: Skips | None = None, boxes: str = "canvas", canvas: int = 448) -> list[Sample]:
     skips = skips or Skips()
     out = []
     for source, rec in read_records(path):
         try:
             if isinstance(rec, DataError):
                 raise rec
-            out.append(record_to_sample(rec, source, Path(image_root) if image_root else Path(path).parent))
+            out.append(record_to_sample(rec, source, Path(image_root) if image_root else Path(path).parent,
+                                        boxes, canvas))
         except DataError as e:
             skips.handle(e)
     return out
@@ -333,6 +359,9 @@ def read_mixture(path) -> list[dict]:
     if not entries or any("path" not in e or float(e.get("ratio", 0)) <= 0 for e in entries):
         raise DataError(f"{path}: expected {{'datasets': [{{'path', 'ratio' > 0}}, ...]}}")
     for e in entries:
+        if e.get("boxes", "canvas") not in ("canvas", "centered"):
+            raise DataError(f"{path}: {e['path']}: boxes must be 'canvas' (ours) or 'centered' (the reference's "
+                            f"padded square), not {e['boxes']!r}")
         if e["path"] != "synthetic":
             e["path"] = str(path.parent / e["path"])
             if e.get("image_root"):
@@ -509,7 +538,8 @@ class SampleSource:
         self.seed, self.canvas, self.split, self.entries = seed, canvas, split, entries
         self.skips = skips or Skips()
         self.datasets = [e["path"] if e["path"] == "synthetic" else
-                         load_dataset(e["path"], e.get("image_root"), self.skips) for e in entries]
+                         load_dataset(e["path"], e.get("image_root"), self.skips, e.get("boxes", "canvas"), canvas)
+                         for e in entries]
         for e, ds in zip(entries, self.datasets):
             if ds != "synthetic" and not ds:
                 raise DataError(f"{e['path']}: no usable records")

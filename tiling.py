@@ -156,6 +156,14 @@ def canvas_to_photo(xy, photo_size, canvas: int) -> list[float]:
     return [v / (sx if i % 2 == 0 else sy) for i, v in enumerate(xy)]
 
 
+def centered_to_photo(xy, photo_size) -> list[float]:
+    """Coordinates normalised to the photo centred in a padded square (the reference's convention)
+    -> photo pixels, clamped to the photo."""
+    (w, h), side = photo_size, max(photo_size)
+    off = ((side - w) / 2, (side - h) / 2)
+    return [min(max(v * side - off[i % 2], 0.0), float(photo_size[i % 2])) for i, v in enumerate(xy)]
+
+
 def format_box(xy) -> str:
     """[x1, y1, x2, y2] or [x, y] as the text the model reads and writes: 2 decimals."""
     return "[" + ", ".join(f"{min(max(v, 0.0), 1.0):.2f}" for v in xy) + "]"

@@ -343,3 +343,31 @@ def test_sentencepiece_training_ids_are_the_inference_ids_for_every_turn(llama_s
         per_segment = [tok.bos_id] + [i for t, _ in D.render(s.turns) for i in tok.encode(t)]
         differs += per_segment != enc.tokens
     assert differs == 30            # encoding each segment apart (the old way) puts stray '▁' tokens in
+
+
+def test_reference_boxes_relative_to_the_centred_square_become_ours(tmp_path):
+    # A 2:1 photo (200 x 100): the reference centres it in a 200 x 200 square, 50 px of padding above.
+    Image.new("RGB", (200, 100), (9, 9, 9)).save(tmp_path / "wide.png")
+    rec = {"image": "wide.png", "conversations": [
+        {"from": "human", "value": "<image>Where is the cat? [0.50, 0.50]"},
+        {"from": "gpt", "value": "[0.25, 0.25, 0.75, 0.75]"}]}
+    (tmp_path / "ref.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "mix.json").write_text(json.dumps({"datasets": [{"path": "ref.jsonl", "ratio": 1, "boxes": "centered"}]}))
+    src = D.SampleSource(D.read_mixture(tmp_path / "mix.json"), seed=0, canvas=448)
+    s = src.datasets[0][0]
+    # Photo pixels: x 50..150, y 0..100 (the square's 0.25..0.75 minus the 50 px offset); ours puts the
+    # photo at the top-left of the 448 canvas, scaled by 448 / 200: x / 200, y / 200.
+    assert s.turns == [("Where is the cat? [0.50, 0.25]", "[0.25, 0.00, 0.75, 0.50]")]
+    (tmp_path / "bad.json").write_text(json.dumps({"datasets": [{"path": "ref.jsonl", "ratio": 1, "boxes": "pixels"}]}))
+    with pytest.raises(D.DataError, match="boxes must be 'canvas' .* or 'centered'"):
+        D.read_mixture(tmp_path / "bad.json")
+
+
+def test_records_with_a_directory_image_or_an_unanswered_question_are_refused(tmp_path):
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(D.DataError, match="x:1: image .*adir is a directory"):
+        D.record_to_sample({"image": "adir", "conversations": [{"from": "human", "value": "q"},
+                                                                 {"from": "gpt", "value": "a"}]}, "x:1", tmp_path)
+    with pytest.raises(D.DataError, match="x:2: the conversation ends with a human turn nobody answers"):
+        D.record_to_sample({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                                              {"from": "human", "value": "and?"}]}, "x:2", tmp_path)
