@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tiling import ImageError, ImageLayout, Tiles, centered_to_photo, format_box, load_image, photo_to_canvas, tile
+from tiling import ImageError, ImageLayout, Tiles, centered_to_photo, format_box, load_image, photo_to_canvas
 
 
 class Tokenizer:
@@ -174,7 +174,7 @@ def encode(sample: Sample, tok: Tokenizer, max_len: int, layout: ImageLayout) ->
     """Tokenise with loss only on assistant answers; drop trailing turns to fit max_len (counting the
     image block); raise DataError if not even the first answer fits."""
     img = sample.load_image()
-    tiles = tile(img, layout.canvas, layout.grid) if img is not None else None
+    tiles = layout.tile(img) if img is not None else None
     n_img = layout.block_len(tiles.fully_padded) if tiles is not None else 0
     for n_turns in range(len(sample.turns), 0, -1):          # drop trailing turns until it fits
         tokens, is_target = tokenize_conversation(tok, sample.turns[:n_turns], sample.source)

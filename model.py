@@ -442,6 +442,9 @@ class SphinxConfig:
     canvas: int = 448            # 448 -> 2x2 sub-images of 224; 672 -> 3x3 (SPHINX-Plus-2K)
     grid: int = 2
     skip_tokens: bool = True     # False: every sub-image is encoded (ablations, reference checkpoints)
+    # "reference": the released models' image path (tiling.reference_tile + MoV.reference_tokens): photo
+    # centred on a 1024 canvas, ConvNeXt on 512 views, DINOv2 on 224 views, no skip tokens.
+    image_path: str = "ours"
 
     @property
     def view_size(self) -> int:
@@ -501,6 +504,8 @@ class Sphinx(nn.Module):
 
     @property
     def layout(self) -> ImageLayout:
+        if self.cfg.image_path == "reference":       # DINOv2 fixes the grid: 224-pixel views
+            return ImageLayout(self.cfg.canvas, 2, self.mov.tokens_per_view(224), False, reference=True)
         return ImageLayout(self.cfg.canvas, self.cfg.grid, self.mov.tokens_per_view(self.cfg.view_size),
                            self.cfg.skip_tokens)
 
@@ -512,14 +517,13 @@ class Sphinx(nn.Module):
 
     def image_blocks(self, images: list[Tiles | None]) -> list[torch.Tensor | None]:
         """(L_i, d) image block per sample; all encoded views of the batch go through MoV at once."""
-        views, owners = [], []
-        for i, t in enumerate(images):
-            if t is not None:
-                for v, enc in zip(t.views, self.encoded_views(t)):
-                    if enc:
-                        views.append(v)
-                        owners.append(i)
-        feats = self.mov(torch.stack(views).to(self.skip_token.device, self.skip_token.dtype)) if views else None
+        dev, dt = self.skip_token.device, self.skip_token.dtype
+        if any(t is not None and t.reference for t in images):      # the released models' path
+            canvases = torch.cat([t.views for t in images if t is not None]).to(dev, dt)
+            feats = self.mov.proj(self.mov.reference_tokens(canvases))
+        else:
+            views = [v for t in images if t is not None for v, enc in zip(t.views, self.encoded_views(t)) if enc]
+            feats = self.mov(torch.stack(views).to(dev, dt)) if views else None
         blocks, k = [], 0
         for t in images:
             if t is None:

@@ -167,8 +167,9 @@ def to_our_names(named, cfg: M.ModelConfig):
 
 
 def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=torch.float32) -> M.Sphinx:
-    """A released SPHINX-X directory -> our Sphinx (no skip tokens: the released models never learnt one).
-    cfg: the vision side and canvas (default: the paper's encoders); the LLM comes from config.json."""
+    """A released SPHINX-X directory -> our Sphinx computing as the reference does: its image path (photo
+    centred on a 1024 canvas, see MoV.reference_tokens) and no skip tokens (never learnt).
+    cfg: the vision side (default: the paper's encoders); the LLM comes from config.json."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (a released SPHINX-X model is a directory)")
@@ -178,7 +179,7 @@ def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=t
                               "mixtral_sparse_ens5 also needs the original SPHINX's CLIP ViT-L and Q-Former)")
     llm = llm_config(_read_json(path / "config.json"))
     base = cfg or M.sphinx_config("sphinx-tiny")
-    cfg = M.SphinxConfig(llm, base.convnext, base.vit, base.canvas, base.grid, skip_tokens=False)
+    cfg = M.SphinxConfig(llm, base.convnext, base.vit, canvas=1024, grid=2, skip_tokens=False, image_path="reference")
     model = M.build_sphinx(cfg, init=False)
     renamed = {}
 

@@ -23,7 +23,7 @@ import model as M
 import released as R
 from checkpoint import CheckpointError, iter_safetensors, load_state_strict
 from moe import moe_layers, set_top_k
-from tiling import ImageError, canvas_to_photo, load_image, tile
+from tiling import ImageError, canvas_to_photo, centered_to_photo, load_image
 from vision import load_encoder
 
 
@@ -125,9 +125,10 @@ def answer(model, tok, turns, tiles, args, out=sys.stdout) -> str:
     return final
 
 
-def draw_answer(photo, text: str, canvas: int, path):
+def draw_answer(photo, text: str, canvas: int, path, centered: bool = False):
     """Boxes [x1, y1, x2, y2] and points [x, y] of the answer, labelled by the text before them,
-    drawn on the original photo (normalised canvas coordinates mapped back to photo pixels)."""
+    drawn on the original photo (normalised canvas coordinates mapped back to photo pixels; centered:
+    relative to the photo centred in a square, the released models' convention)."""
     from PIL import ImageDraw
     img = photo.copy()
     draw = ImageDraw.Draw(img)
@@ -136,7 +137,8 @@ def draw_answer(photo, text: str, canvas: int, path):
     for m in D.BOX_RE.finditer(text):
         label = text[last:m.start()].strip(" ,.;:")[-30:]
         last = m.end()
-        vals = canvas_to_photo([float(v) for v in m.groups() if v is not None], img.size, canvas)
+        vals = [float(v) for v in m.groups() if v is not None]
+        vals = centered_to_photo(vals, img.size) if centered else canvas_to_photo(vals, img.size, canvas)
         if len(vals) == 4:
             vals = [min(vals[0], vals[2]), min(vals[1], vals[3]), max(vals[0], vals[2]), max(vals[1], vals[3])]
             draw.rectangle(vals, outline=(255, 0, 0), width=width)
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
         prompt = args.inputs[-1] if len(args.inputs) == 2 or (len(args.inputs) == 1 and not args.chat) else None
         photo = load_image(image_path) if image_path else None
         model, tok = load(args)
-        tiles = tile(photo, model.cfg.canvas, model.cfg.grid) if photo is not None else None
+        tiles = model.layout.tile(photo) if photo is not None else None
         turns = []
         while True:
             if prompt is None:
@@ -172,7 +174,7 @@ def main(argv=None) -> int:
             reply = answer(model, tok, turns, tiles, args)
             turns[-1] = (prompt, reply)
             if args.draw and photo is not None:
-                draw_answer(photo, reply, model.cfg.canvas, args.draw)
+                draw_answer(photo, reply, model.cfg.canvas, args.draw, centered=model.layout.reference)
                 print(f"(boxes drawn on {args.draw})", file=sys.stderr)
             if not args.chat:
                 return 0

@@ -29,7 +29,6 @@ import released as R
 from checkpoint import CheckpointError, iter_safetensors, load_state_strict, read_safetensors_metadata
 from moe import moe_layers, total_aux_loss, track_usage, usage_report
 from parallel import shard, split_dim, unshard
-from tiling import tile
 
 # Paper recipe (Sec. 4.1): AdamW (0.9, 0.95), wd 0, lr 2e-5 (5e-6 MoE), 1% linear warm-up, cosine to 0,
 # effective batch 256. The CPU sizes keep the schedule with a learning rate that suits a tiny model.
@@ -506,7 +505,7 @@ def evaluate(model, tok, mesh, samples, max_new_tokens=48) -> dict:
             continue
         turns = s.turns[:-1] + [(s.turns[-1][0], None)]
         enc_tokens = D.prompt_tokens(tok, turns)
-        tiles = tile(s.image, layout.canvas, layout.grid) if s.image is not None else None
+        tiles = layout.tile(s.image) if s.image is not None else None
         ids = list(M.generate(model, enc_tokens, tiles, max_new_tokens, stop_ids=(tok.eos_id,),
                               stop_text="\n" + D.SEP, decode=tok.decode))
         answer = tok.decode(ids).removesuffix("\n" + D.SEP).strip()

@@ -42,6 +42,9 @@ class ViTConfig:
     ffn: str = "swiglu"               # "swiglu" (ViT-g) or "mlp"
     mlp_ratio: float = 4.0
     eps: float = 1e-6
+    # How the position grid is resized: "size" (to the exact grid, as transformers) or "dinov2" (the
+    # original code: a scale factor of (grid + 0.1) / pos_grid, which samples slightly differently).
+    pos_interp: str = "size"
 
     @property
     def hidden(self) -> int:
@@ -49,9 +52,11 @@ class ViTConfig:
         return (int(h * 2 / 3) + 7) // 8 * 8 if self.ffn == "swiglu" else h   # DINOv2's SwiGLU width
 
 
-CONVNEXT_CONFIGS = {"convnext-xxlarge": ConvNeXtConfig(),
+# The paper's encoders compute as their original code: timm's ConvNeXt-XXL (LayerNorm eps 1e-5, open_clip's
+# convnext_xxlarge) and torch.hub's DINOv2 (its own position interpolation).
+CONVNEXT_CONFIGS = {"convnext-xxlarge": ConvNeXtConfig(eps=1e-5),
                     "tiny": ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), input_size=128)}
-VIT_CONFIGS = {"dinov2-vitg14": ViTConfig(),
+VIT_CONFIGS = {"dinov2-vitg14": ViTConfig(pos_interp="dinov2"),
                "tiny": ViTConfig(dim=128, depth=2, heads=4, patch=16, pos_grid=4, ffn="mlp")}
 
 
@@ -163,7 +168,10 @@ class ViT(nn.Module):
         if (gh, gw) == (g, g):
             return self.pos_embed
         grid = self.pos_embed[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        if self.cfg.pos_interp == "dinov2":
+            grid = F.interpolate(grid, scale_factor=((gh + 0.1) / g, (gw + 0.1) / g), mode="bicubic", align_corners=False)
+        else:
+            grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
         grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(self.pos_embed.dtype)
         return torch.cat([self.pos_embed[:, :1], grid], dim=1)
 
@@ -341,6 +349,37 @@ class MixtureOfVisualExperts(nn.Module):
             cmap = F.interpolate(cmap, size=(g, g), mode="bilinear", align_corners=False)
         tokens = cmap.flatten(2).transpose(1, 2)
         return torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
+
+    @torch.no_grad()
+    def reference_tokens(self, canvas):
+        """The released models' image path (llama_ens5_light's encode_image): canvas (N, 3, C, C) in [0, 1]
+        is the padded square (C = 1024), CLIP-normalised first as the reference's transform does. ConvNeXt sees 512 views: the canvas resized, then its
+        four quadrants; DINOv2 sees 224 views: the canvas resized, then the quadrants of a 448 resize,
+        re-normalised from CLIP to ImageNet statistics. Resizes as the reference: bicubic on half-precision
+        tensors, no antialias. Returns (N * 5, 1 + g*g, C_convnext + C_vit), views in that order."""
+        canvas = normalize(canvas, CLIP_MEAN, CLIP_STD)
+        half = canvas.shape[-1] // 2
+
+        def resized(size):
+            return F.interpolate(canvas.half(), size=(size, size), mode="bicubic").to(canvas.dtype)
+
+        def with_quadrants(whole, x, s):
+            parts = [x[..., :s, :s], x[..., :s, s:], x[..., s:, :s], x[..., s:, s:]]
+            return torch.stack([whole] + parts, dim=1).flatten(0, 1)
+        v448 = resized(448)
+        dino = with_quadrants(resized(224), v448, 224)
+        conv = with_quadrants(resized(half), canvas, half)
+        cmap = self.convnext(conv)
+        g = 224 // self.vit.cfg.patch
+        if cmap.shape[-2:] != (g, g):
+            raise ValueError(f"reference path: ConvNeXt gives a {tuple(cmap.shape[-2:])} grid on {half}-pixel views, "
+                             f"DINOv2 a {g}x{g} one on 224-pixel views; they must agree")
+        ctok = cmap.flatten(2).transpose(1, 2)
+        ctok = torch.cat([ctok.mean(1, keepdim=True), ctok], dim=1)
+        c_mean, c_std, i_mean, i_std = (torch.tensor(v, dtype=canvas.dtype, device=canvas.device).view(1, 3, 1, 1)
+                                        for v in (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD))
+        vtok = self.vit(dino * (c_std / i_std) + (c_mean - i_mean) / i_std)
+        return torch.cat([ctok, vtok], dim=-1)
 
     @torch.no_grad()
     def encode_frozen(self, views):

@@ -13,11 +13,15 @@ import model as M
 import released as R
 import sample as S
 import train as T
+import vision as V
 from checkpoint import CheckpointError, unique_state_dict
 
 # A toy SPHINX-X: GQA LLM, the tiny encoders, no skip tokens (the released models have none).
-LLM = M.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=176, max_seq_len=512)
-CFG = replace(M.sphinx_config("tiny"), llm=LLM, skip_tokens=False)
+LLM = M.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=176, max_seq_len=2048)
+# Encoders whose grids agree on the reference path: ConvNeXt 512 / 32 = 16 = DINOv2 224 / 14.
+CFG = M.SphinxConfig(LLM, V.ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), input_size=None),
+                     V.ViTConfig(dim=32, depth=1, heads=4, patch=14, pos_grid=4, ffn="mlp", pos_interp="dinov2"),
+                     canvas=1024, grid=2, skip_tokens=False, image_path="reference")
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +231,7 @@ def test_sample_answers_from_a_released_directory(exported, tokenizer, tmp_path,
 def test_train_starts_from_a_released_directory(exported, tokenizer, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(M.SIZES, "toy", lambda: CFG)
     argv = ["--size", "toy", "--init", str(exported / "mp1"), "--tokenizer", tokenizer, "--steps", "2", "--batch", "2",
-            "--micro-batch", "1", "--max-len", "320", "--eval-per-task", "0", "--out", str(tmp_path / "run")]
+            "--micro-batch", "1", "--max-len", "1600", "--eval-per-task", "0", "--out", str(tmp_path / "run")]
     res = T.train(T.parse_args(argv))
     assert len(res["losses"]) == 2 and all(l == l for l in res["losses"])
     monkeypatch.setitem(M.SIZES, "toy", lambda: replace(CFG, llm=replace(LLM, n_layers=3)))

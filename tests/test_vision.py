@@ -157,3 +157,46 @@ def test_mov_aligns_grids_and_projects():
     out.sum().backward()
     assert mov.proj[0].weight.grad is not None
     assert all(p.grad is None and not p.requires_grad for p in [*mov.convnext.parameters(), *mov.vit.parameters()])
+
+
+def test_dinov2_position_interpolation_as_the_original_code():
+    # Original DINOv2 (vision_transformer.py, interpolate_pos_encoding): the M x M grid is resized by a
+    # scale factor (w0 + 0.1) / M, bicubic, no antialias; transformers resizes to the exact size.
+    torch.manual_seed(0)
+    cfg = V.ViTConfig(dim=8, depth=1, heads=2, patch=14, pos_grid=37, ffn="mlp", pos_interp="dinov2")
+    vit = V.ViT(cfg)
+    torch.nn.init.normal_(vit.pos_embed)
+    M_, w0 = 37, 224 // 14
+    grid = vit.pos_embed[:, 1:].reshape(1, M_, M_, 8).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, scale_factor=((w0 + 0.1) / M_, (w0 + 0.1) / M_), mode="bicubic",
+                                           antialias=False).permute(0, 2, 3, 1).reshape(1, w0 * w0, 8)
+    got = vit.positions(w0, w0)
+    torch.testing.assert_close(got[:, 1:], want, atol=1e-6, rtol=0)
+    by_size = V.ViT(V.ViTConfig(**{**cfg.__dict__, "pos_interp": "size"}))
+    by_size.pos_embed = vit.pos_embed
+    assert (by_size.positions(w0, w0) - got).abs().max() > 1e-3                 # the choice matters
+
+
+def test_reference_views_and_renormalisation():
+    # llama_ens5_light's encode_image: ConvNeXt gets the canvas resized then its four quadrants unchanged;
+    # DINOv2 gets CLIP-normalised pixels re-expressed in ImageNet statistics.
+    torch.manual_seed(0)
+    mov = V.MixtureOfVisualExperts(V.ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), input_size=None),
+                                   V.ViTConfig(dim=16, depth=1, heads=2, patch=14, pos_grid=4, ffn="mlp"), 32)
+    mov.init_weights()
+    seen = {}
+    conv_fwd, vit_fwd = mov.convnext.forward, mov.vit.forward
+    mov.convnext.forward = lambda x: (seen.setdefault("conv", x), conv_fwd(x))[1]
+    mov.vit.forward = lambda x, mask=None: (seen.setdefault("vit", x), vit_fwd(x))[1]
+    canvas = torch.rand(1, 3, 1024, 1024)
+    out = mov.reference_tokens(canvas)
+    assert out.shape == (5, 1 + 16 * 16, 32 + 16)
+    clip = (canvas - torch.tensor(V.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(V.CLIP_STD).view(1, 3, 1, 1)
+    assert torch.equal(seen["conv"][2], clip[0, :, :512, 512:]) and torch.equal(seen["conv"][4], clip[0, :, 512:, 512:])
+    assert seen["conv"].shape == (5, 3, 512, 512) and seen["vit"].shape == (5, 3, 224, 224)
+    # A canvas of one colour: DINOv2's input is that colour in ImageNet statistics (half-precision resizes).
+    flat = torch.ones(1, 3, 1024, 1024) * torch.tensor([0.2, 0.5, 0.9]).view(1, 3, 1, 1)
+    seen.clear()
+    mov.reference_tokens(flat)
+    want = (torch.tensor([0.2, 0.5, 0.9]) - torch.tensor(V.IMAGENET_MEAN)) / torch.tensor(V.IMAGENET_STD)
+    torch.testing.assert_close(seen["vit"].mean((0, 2, 3)), want, atol=5e-3, rtol=0)
