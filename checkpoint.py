@@ -146,14 +146,44 @@ def save_safetensors_atomic(path, tensors: dict, metadata: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**metadata, "tensors_sha256": tensors_sha256(tensors.items())}
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def tensors_sha256(named) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor in name order: stored in a safetensors
+    file's metadata when we write it, checked when we load it (a file cannot hold its own file hash)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in sorted(named, key=lambda kv: kv[0]):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def verify_safetensors(path):
+    """Refuse a file we wrote whose tensors changed since (files from elsewhere carry no digest)."""
+    want = read_safetensors_metadata(path).get("tensors_sha256")
+    if want and tensors_sha256(iter_safetensors([path])) != want:
+        raise CheckpointError(f"{path}: checksum mismatch, its tensors changed after it was saved (corrupt file?)")
+
+
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_safetensors_metadata(path) -> dict:

@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 
 from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_safetensors, load_state_strict,
                         map_name, read_safetensors_metadata, retie, safetensors_files, save_safetensors_atomic,
-                        tie_pairs, unique_state_dict)
+                        tie_pairs, unique_state_dict, verify_safetensors)
 from moe import MoEFeedForward
 from parallel import copy_to_tp, cross_entropy_sum, reduce_from_tp, vocab_parallel_embedding
 from tiling import ImageLayout, Tiles
@@ -602,6 +602,7 @@ def load_sphinx(path, device="cpu", dtype=torch.float32, **overrides) -> Sphinx:
     if meta.get("format") != "sphinx-x":
         raise CheckpointError(f"{path}: not a sphinx-x checkpoint (format {meta.get('format')!r})")
     cfg = replace(sphinx_config_from_json(meta["config"]), **overrides)
+    verify_safetensors(path)
     model = build_sphinx(cfg, init=False)
     load_state_strict(model, iter_safetensors([path]), dtype=dtype, device=device, where=str(path))
     model.mov.freeze_encoders()
@@ -633,6 +634,7 @@ def load_base(path, cfg: SphinxConfig, device="cpu", dtype=torch.float32) -> Sph
     if meta.get("format") != "sphinx-x-base":
         raise CheckpointError(f"{path}: not a sphinx-x base (format {meta.get('format')!r}); make one with pretrain.py")
     base = sphinx_config_from_json(meta["config"])
+    verify_safetensors(path)
     want = replace(cfg, llm=replace(cfg.llm, n_experts=0, top_k=2, ffn_dim=base.llm.ffn_dim))
     if (base.llm, base.convnext, base.vit) != (want.llm, want.convnext, want.vit):
         raise CheckpointError(f"{path}: its LLM/encoder config differs from the model's:\n  base  {base}\n  model {cfg}")

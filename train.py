@@ -26,7 +26,7 @@ import torch.distributed as dist
 import data as D
 import model as M
 import released as R
-from checkpoint import CheckpointError, iter_safetensors, load_state_strict, read_safetensors_metadata
+from checkpoint import CheckpointError, file_sha256, iter_safetensors, load_state_strict, read_safetensors_metadata
 from moe import moe_layers, total_aux_loss, track_usage, usage_report
 from parallel import shard, split_dim, unshard
 
@@ -374,12 +374,13 @@ def save_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher, step: int
     if mesh.is_main:
         M.save_sphinx(tmp / "model.safetensors", model_with_state(model, state))
     torch.save(opt.state_dict(), tmp / f"optim-tp{mesh.tp_rank}-dp{mesh.dp_rank}.pt")     # every rank its shard
-    if mesh.is_main:
-        meta = {"step": step, "size": args.size, "dp": mesh.dp, "tp": mesh.tp, "data": batcher.state_dict(),
-                "losses": losses, "rng": torch.get_rng_state().tolist()}
-        (tmp / "state.json").write_text(json.dumps(meta))
     barrier(mesh)
     if mesh.is_main:
+        # A checksum per file: flipped bytes in a weight or an optimizer shard are refused at resume.
+        meta = {"step": step, "size": args.size, "dp": mesh.dp, "tp": mesh.tp, "data": batcher.state_dict(),
+                "losses": losses, "rng": torch.get_rng_state().tolist(), "settings": run_settings(args),
+                "sha256": {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}}
+        (tmp / "state.json").write_text(json.dumps(meta))
         k = 1
         while final.exists():              # the same step saved again: a new name, the old one intact
             final, k = args.out / f"step-{step:06d}.{k}", k + 1
@@ -391,6 +392,15 @@ def save_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher, step: int
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(mesh)
+
+
+# What a resume must keep for it to continue the same run (it refuses otherwise, naming them).
+RESUME_SETTINGS = ("size", "batch", "micro_batch", "steps", "lr", "projector_lr", "seed", "max_len", "data", "tp",
+                   "tasks_per_image", "warmup", "grad_clip", "aux_weight")
+
+
+def run_settings(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in ((k, getattr(args, k)) for k in RESUME_SETTINGS)}
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -462,8 +472,21 @@ def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
     ckpt = args.out / latest.read_text().strip()
     try:
         meta = json.loads((ckpt / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt / 'state.json'}: unreadable ({e})") from None
+        step, dp, tp, losses, rng = meta["step"], meta["dp"], meta["tp"], meta["losses"], meta["rng"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'}: unreadable or incomplete ({type(e).__name__}: {e})") from None
+    if tp != mesh.tp:
+        raise CheckpointError(f"{ckpt}: saved with TP {tp}, resuming needs the same TP (got {mesh.tp})")
+    changed = [f"--{k.replace('_', '-')} {old} -> {new}" for k, old in meta.get("settings", {}).items()
+               if (new := run_settings(args).get(k)) != old]
+    if changed:
+        raise CheckpointError(f"{ckpt}: resuming with other settings than the run's ({'; '.join(changed)}); "
+                              "resume with the run's flags, or start a new run")
+    for name, digest in meta.get("sha256", {}).items():
+        if not (ckpt / name).exists():
+            raise CheckpointError(f"{ckpt / name}: missing")
+        if file_sha256(ckpt / name) != digest:
+            raise CheckpointError(f"{ckpt / name}: checksum mismatch, the file changed after it was saved")
     path = ckpt / "model.safetensors"
     if read_safetensors_metadata(path).get("format") != "sphinx-x":
         raise CheckpointError(f"{path}: not a sphinx-x checkpoint")
@@ -480,18 +503,19 @@ def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
         if loaded != set(own):
             raise CheckpointError(f"{path}: missing {sorted(set(own) - loaded)[:10]}")
     shards = []
-    for d in range(meta["dp"]):
+    for d in range(dp):
         f = ckpt / f"optim-tp{mesh.tp_rank}-dp{d}.pt"
         try:
             shards.append(torch.load(f, map_location="cpu", weights_only=True))
         except Exception as e:   # a truncated or missing file: torch raises many error types
             raise CheckpointError(f"{f}: unreadable optimizer shard ({type(e).__name__}: {e})") from None
-    if meta["tp"] != mesh.tp:
-        raise CheckpointError(f"{ckpt}: saved with TP {meta['tp']}, resuming needs the same TP (got {mesh.tp})")
     opt.load_shards(shards)
     batcher.load_state_dict(meta["data"])
-    torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
-    return meta["step"], meta["losses"]
+    torch.set_rng_state(torch.tensor(rng, dtype=torch.uint8))
+    if mesh.is_main and (args.out / "metrics.jsonl").exists():      # drop the lines of steps after the checkpoint
+        lines = (args.out / "metrics.jsonl").read_text().splitlines()
+        _atomic_write(args.out / "metrics.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+    return step, losses
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -548,7 +572,8 @@ MAX_EMPTY_BATCHES = 10      # consecutive global batches with every sample skipp
 def measured_peak_flops() -> float:
     """The best of several 2048^3 fp32 matmuls: MFU's denominator when no --peak-tflops is given."""
     n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    gen = torch.Generator().manual_seed(0)           # its own generator: the run's RNG stream is untouched
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     a @ b
     best = float("inf")
     for _ in range(6):

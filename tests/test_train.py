@@ -189,16 +189,32 @@ def test_kill_and_resume_equals_uninterrupted(tokenizer, tmp_path):
 
 
 def test_corrupt_checkpoint_fails_clearly_and_crash_keeps_previous(tokenizer, tmp_path, monkeypatch):
-    argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(tmp_path / "c")]
-    T.train(T.parse_args(argv))
-    ckpt = tmp_path / "c" / (tmp_path / "c" / "latest").read_text()
+    argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer]
+    out = tmp_path / "c"
+    T.train(T.parse_args(argv + ["--out", str(out), "--stop-after", "1"]))
+    ckpt = out / (out / "latest").read_text()
     shard_file = ckpt / "optim-tp0-dp0.pt"
-    shard_file.write_bytes(shard_file.read_bytes()[:100])
-    with pytest.raises(T.CheckpointError, match=r"optim-tp0-dp0.pt: unreadable optimizer shard"):
-        T.train(T.parse_args(argv[:-2] + ["--out", str(tmp_path / "c"), "--steps", "3", "--resume"]))
+    good = shard_file.read_bytes()
+    shard_file.write_bytes(good[:100])
+    with pytest.raises(T.CheckpointError, match=r"optim-tp0-dp0.pt: checksum mismatch"):
+        T.train(T.parse_args(argv + ["--out", str(out), "--resume"]))
+    shard_file.write_bytes(good)
+    # One flipped byte in the weights' data (past the header) is refused by name too.
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-50] ^= 0x40
+    weights.write_bytes(bytes(data))
+    with pytest.raises(T.CheckpointError, match=r"step-000001/model.safetensors: checksum mismatch"):
+        T.train(T.parse_args(argv + ["--out", str(out), "--resume"]))
+    # ... and by sample.py's loader (the run's top-level copy carries the tensors' digest in its metadata).
+    top = bytearray((out / "model.safetensors").read_bytes())
+    top[-50] ^= 0x40
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(top))
+    with pytest.raises(T.CheckpointError, match="flipped.safetensors: checksum mismatch"):
+        T.M.load_sphinx(tmp_path / "flipped.safetensors")
     # A crash in the middle of writing the next checkpoint leaves `latest` on the previous one.
     out = tmp_path / "d"
-    T.train(T.parse_args(argv[:-2] + ["--out", str(out), "--steps", "1"]))
+    T.train(T.parse_args(argv + ["--out", str(out), "--stop-after", "1"]))
     before = (out / "latest").read_text()
     real_save = torch.save
 
@@ -207,11 +223,23 @@ def test_corrupt_checkpoint_fails_clearly_and_crash_keeps_previous(tokenizer, tm
         raise KeyboardInterrupt("killed mid-save")
     monkeypatch.setattr(T.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        T.train(T.parse_args(argv[:-2] + ["--out", str(out), "--steps", "2", "--resume"]))
+        T.train(T.parse_args(argv + ["--out", str(out), "--resume"]))
     monkeypatch.undo()
     assert (out / "latest").read_text() == before
-    res = T.train(T.parse_args(argv[:-2] + ["--out", str(out), "--steps", "2", "--resume"]))
+    res = T.train(T.parse_args(argv + ["--out", str(out), "--resume"]))
     assert len(res["losses"]) == 2
+
+
+def test_resume_refuses_changed_settings_and_trims_the_metrics(tokenizer, tmp_path):
+    out = tmp_path / "r"
+    argv = COMMON + ["--steps", "4", "--ckpt-every", "2", "--tokenizer", tokenizer, "--out", str(out)]
+    T.train(T.parse_args(argv + ["--stop-after", "3"]))             # metrics to step 3, checkpoint at 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(T.CheckpointError, match=r"other settings than the run's \(--steps 4 -> 5; --lr 0.002 -> 0.001\)"):
+        T.train(T.parse_args(argv[:-1] + [str(out), "--steps", "5", "--lr", "1e-3", "--resume"]))
+    T.train(T.parse_args(argv + ["--resume"]))
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]                                     # step 3's stale line went with the resume
 
 
 def test_zero2_adamw_matches_torch_adamw():
