@@ -31,7 +31,10 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer file {self.path} does not exist")
         if self.path.suffix == ".json":
             from tokenizers import Tokenizer as HFTokenizer
-            self._hf = HFTokenizer.from_file(str(self.path))
+            try:
+                self._hf = HFTokenizer.from_file(str(self.path))
+            except Exception as e:   # tokenizers raises its own exception type for a bad file
+                raise ValueError(f"{self.path}: not a readable tokenizer.json ({e})") from None
             self._sp = None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             self.bos_id = self._find(bos, ["<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>"])
@@ -286,30 +289,44 @@ def _centered_box_converter(image_path, source: str, canvas: int):
 
 
 def read_records(path):
-    """(source "file:line", record) pairs from a JSON list or a JSONL file."""
+    """(source "file:line", record) pairs from a JSON list or a JSONL file. A bad line of a JSONL file
+    (malformed JSON, bytes that are not UTF-8) becomes a DataError in its place, so skip mode can skip it."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such data file")
-    text = path.read_text()
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file")
+    raw = path.read_bytes()
     if path.suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(raw.split(b"\n"), 1):
             if line.strip():
                 try:
-                    yield f"{path}:{i}", json.loads(line)
+                    yield f"{path}:{i}", json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield f"{path}:{i}", DataError(f"{path}:{i}: not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1})")
                 except json.JSONDecodeError as e:
                     yield f"{path}:{i}", DataError(f"{path}:{i}: malformed JSON ({e.msg})")
         return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records")
-    # Line numbers for a JSON list: where each top-level record starts.
-    starts = [m.start() for m in re.finditer(r"^\s*\{", text, re.M)]
-    for i, rec in enumerate(records):
-        line = text.count("\n", 0, starts[i]) + 1 if i < len(starts) else i + 1
-        yield f"{path}:{line}", rec
+    # Line numbers for a JSON list: walk its top-level items with the decoder to find where each starts.
+    decoder, pos, starts = json.JSONDecoder(), text.index("[") + 1, []
+    for _ in records:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        starts.append(pos)
+        pos = decoder.raw_decode(text, pos)[1]
+    for rec, start in zip(records, starts):
+        yield f"{path}:{text.count(chr(10), 0, start) + 1}", rec
 
 
 class Skips:
@@ -356,8 +373,15 @@ def read_mixture(path) -> list[dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: cannot read mixture ({e})") from None
     entries = spec.get("datasets") if isinstance(spec, dict) else None
-    if not entries or any("path" not in e or float(e.get("ratio", 0)) <= 0 for e in entries):
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and "path" in e for e in entries):
         raise DataError(f"{path}: expected {{'datasets': [{{'path', 'ratio' > 0}}, ...]}}")
+    for e in entries:
+        try:
+            ok = float(e.get("ratio", 0)) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise DataError(f"{path}: {e['path']}: ratio must be a number > 0, not {e.get('ratio')!r}")
     for e in entries:
         if e.get("boxes", "canvas") not in ("canvas", "centered"):
             raise DataError(f"{path}: {e['path']}: boxes must be 'canvas' (ours) or 'centered' (the reference's "

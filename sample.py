@@ -49,7 +49,22 @@ def parse_args(argv=None):
     g.add_argument("--convnext", default=None)
     g.add_argument("--dinov2", default=None)
     g.add_argument("--projector", default=None, help="mov.proj.*, begin/end_of_image, skip_token")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, not {args.max_new_tokens}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], not {args.top_p}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, not {args.temperature}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, mps, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        p.error(f"--device {args.device}: MPS is not available here (use --device cpu)")
+    return args
 
 
 def assemble(args) -> M.Sphinx:
@@ -151,6 +166,12 @@ def draw_answer(photo, text: str, canvas: int, path, centered: bool = False):
     return img
 
 
+def fits(model, tok, turns, tiles, args) -> bool:
+    """Prompt + image block + the longest answer within the LLM's context."""
+    n = len(D.prompt_tokens(tok, turns)) + (model.layout.block_len(tiles.fully_padded) if tiles is not None else 0)
+    return n + args.max_new_tokens <= model.llm.cfg.max_seq_len
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -170,7 +191,17 @@ def main(argv=None) -> int:
                     return 0
                 if not prompt:
                     return 0
+            if not fits(model, tok, [(prompt, None)], tiles, args):      # refused; the session goes on
+                print(f"error: that message does not fit the context of {model.llm.cfg.max_seq_len} positions "
+                      f"with --max-new-tokens {args.max_new_tokens}; try a shorter one", file=sys.stderr)
+                if not args.chat:
+                    return 1
+                prompt = None
+                continue
             turns.append((prompt, None))
+            while not fits(model, tok, turns, tiles, args):
+                turns.pop(0)
+                print("(context full: the oldest turn was dropped)", file=sys.stderr)
             reply = answer(model, tok, turns, tiles, args)
             turns[-1] = (prompt, reply)
             if args.draw and photo is not None:

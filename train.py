@@ -10,6 +10,7 @@ is a visible dist.* call here or in parallel.py.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -99,6 +100,14 @@ def parse_args(argv=None):
                 f"{', '.join('--' + k for k in ('llm', 'convnext', 'dinov2') if not getattr(args, k))})")
     if not args.steps and args.data == "synthetic":
         p.error(f"--size {args.size}: give --steps (the synthetic data has no epochs) or --data mixture.json")
+    for name, ok, want in (("steps", args.steps >= 0, ">= 0 (0: from --epochs)"), ("batch", args.batch > 0, "> 0"),
+                           ("micro-batch", args.micro_batch > 0, "> 0"), ("log-every", args.log_every > 0, "> 0"),
+                           ("lr", args.lr > 0, "> 0"), ("projector-lr", (args.projector_lr or 1) > 0, "> 0"),
+                           ("ckpt-every", args.ckpt_every >= 0, ">= 0"), ("max-len", args.max_len > 0, "> 0"),
+                           ("eval-per-task", args.eval_per_task >= 0, ">= 0"), ("epochs", args.epochs > 0, "> 0"),
+                           ("tasks-per-image", args.tasks_per_image > 0, "> 0")):
+        if not ok:
+            p.error(f"--{name} must be {want}, not {getattr(args, name.replace('-', '_'))}")
     return args
 
 
@@ -371,10 +380,18 @@ def save_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher, step: int
         tmp.mkdir(parents=True)
     barrier(mesh)
     state = consolidated_state(model, mesh)
-    if mesh.is_main:
-        M.save_sphinx(tmp / "model.safetensors", model_with_state(model, state))
-    torch.save(opt.state_dict(), tmp / f"optim-tp{mesh.tp_rank}-dp{mesh.dp_rank}.pt")     # every rank its shard
-    barrier(mesh)
+    failed = None
+    try:
+        if mesh.is_main:
+            M.save_sphinx(tmp / "model.safetensors", model_with_state(model, state))
+        torch.save(opt.state_dict(), tmp / f"optim-tp{mesh.tp_rank}-dp{mesh.dp_rank}.pt")     # every rank its shard
+    except (OSError, RuntimeError) as e:   # a full disk: every rank must hear of it, or the others hang
+        full = shutil.disk_usage(args.out).free < 64 << 20
+        failed = e if isinstance(e, OSError) else OSError(errno.ENOSPC if full else errno.EIO, str(e), str(tmp))
+    if all_reduce(torch.tensor(float(failed is not None)), world_group(mesh)).item():
+        if mesh.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)      # the previous checkpoint stays the latest
+        raise failed or OSError(errno.EIO, "another rank failed to write its part of the checkpoint", str(tmp))
     if mesh.is_main:
         # A checksum per file: flipped bytes in a weight or an optimizer shard are refused at resume.
         meta = {"step": step, "size": args.size, "dp": mesh.dp, "tp": mesh.tp, "data": batcher.state_dict(),
@@ -743,8 +760,12 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (CheckpointError, D.DataError) as e:
+    except (CheckpointError, D.DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:                       # ENOSPC while saving, a read-only run directory, ...
+        what = "disk full" if e.errno == errno.ENOSPC else e.strerror
+        print(f"error: {what} ({e.filename or 'while writing'})", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -191,8 +191,17 @@ def test_mixture_ratios_hold(tmp_path):
         sd = (p * (1 - p) / 10_000) ** 0.5
         assert abs(counts[key] / 10_000 - p) < 4 * sd, counts
     (tmp_path / "bad_mix.json").write_text('{"datasets": [{"path": "a.jsonl", "ratio": 0}]}')
+    with pytest.raises(D.DataError, match="bad_mix.json: a.jsonl: ratio must be a number > 0, not 0"):
+        D.read_mixture(tmp_path / "bad_mix.json")
+    (tmp_path / "bad_mix.json").write_text('{"datasets": [{"path": "a.jsonl", "ratio": "lots"}]}')
+    with pytest.raises(D.DataError, match="ratio must be a number > 0, not 'lots'"):
+        D.read_mixture(tmp_path / "bad_mix.json")
+    (tmp_path / "bad_mix.json").write_text('{"datasets": [{"ratio": 1}]}')
     with pytest.raises(D.DataError, match="bad_mix.json: expected"):
         D.read_mixture(tmp_path / "bad_mix.json")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(D.DataError, match="adir: is a directory, not a data file"):
+        D.load_dataset(tmp_path / "adir")
 
 
 def _ids(samples):
@@ -371,3 +380,24 @@ def test_records_with_a_directory_image_or_an_unanswered_question_are_refused(tm
     with pytest.raises(D.DataError, match="x:2: the conversation ends with a human turn nobody answers"):
         D.record_to_sample({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
                                               {"from": "human", "value": "and?"}]}, "x:2", tmp_path)
+
+
+def test_non_utf8_lines_and_pretty_printed_json_lists_are_named_by_line(tmp_path):
+    good = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
+    (tmp_path / "d.jsonl").write_bytes(json.dumps(good).encode() + b"\n" + b'{"conversations": "\xff\xfe"}\n'
+                                       + json.dumps(good).encode() + b"\n")
+    skips = D.Skips("skip")
+    out = D.load_dataset(tmp_path / "d.jsonl", skips=skips)
+    assert len(out) == 2 and len(skips.reasons) == 1 and "d.jsonl:2: not UTF-8 text (byte 0xff" in skips.reasons[0]
+    with pytest.raises(D.DataError, match=r"d.jsonl:2: not UTF-8"):
+        D.load_dataset(tmp_path / "d.jsonl")
+    # A pretty-printed list: nested objects start lines too; each record is named by the line it starts on.
+    bad = {"conversations": [{"from": "robot", "value": "x"}]}
+    (tmp_path / "l.json").write_text(json.dumps([good, good, bad], indent=2))
+    text = (tmp_path / "l.json").read_text()
+    third = text.count("\n", 0, text.index('"robot"')) + 1 - 3             # the record's "{" is 3 lines above
+    with pytest.raises(D.DataError, match=rf"l.json:{third}: unknown role 'robot'"):
+        D.load_dataset(tmp_path / "l.json")
+    (tmp_path / "b.json").write_bytes(b'[\n {"a": "\xc3"}\n]')
+    with pytest.raises(D.DataError, match=r"b.json:2: not UTF-8 text"):
+        D.load_dataset(tmp_path / "b.json")

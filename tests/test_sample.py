@@ -144,6 +144,24 @@ def test_chat_keeps_the_conversation(run_dir, tmp_path, capsys, monkeypatch):
     assert seen[1][0][0] == "first?" and seen[1][0][1] is not None and seen[1][1] == ("second?", None)
 
 
+def test_chat_drops_the_oldest_turn_when_the_context_is_full(run_dir, tmp_path, capsys, monkeypatch):
+    questions = iter(["first question?", "second question?", "third question?", "x" * 5000, ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(questions))
+    seen = []
+    real = S.answer
+    monkeypatch.setattr(S, "answer", lambda model, tok, turns, tiles, args, out=sys.stdout:
+                        (seen.append(len(turns)), real(model, tok, turns, tiles, args, out))[1])
+    img = _save(Image.new("RGB", (64, 32), (1, 2, 3)), tmp_path / "c.png")
+    # Room for one turn (with its image block and the longest answer) but not for two.
+    model, tok = M.load_sphinx(run_dir / "model.safetensors"), D.Tokenizer(run_dir / "tokenizer.json")
+    tiles = model.layout.tile(Image.open(img))
+    one = len(D.prompt_tokens(tok, [("first question?", None)])) + model.layout.block_len(tiles.fully_padded)
+    code, _, err = _run([img, "--chat", "--ckpt", str(run_dir / "model.safetensors"), "--temperature", "0",
+                         "--max-new-tokens", str(model.llm.cfg.max_seq_len - one - 8)], capsys)
+    assert code == 0 and seen == [1, 1, 1]                       # every question answered, alone in the context
+    assert err.count("the oldest turn was dropped") == 2 and "that message does not fit the context" in err
+
+
 def test_assemble_from_component_files(run_dir, tmp_path):
     """A size assembled from an HF LLM directory, HF ConvNeXt/DINOv2 files and a projector file."""
     transformers = pytest.importorskip("transformers")

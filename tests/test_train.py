@@ -394,3 +394,27 @@ def test_paper_start_from_pretrained_parts_with_epochs(tmp_path, monkeypatch, ca
         T.parse_args(argv[:4] + ["--tokenizer", str(tok)])      # --llm without the encoders
     with pytest.raises(SystemExit):
         T.parse_args(["--size", "sphinx-tiny"])                 # synthetic data and no --steps
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tokenizer, tmp_path, monkeypatch, capsys):
+    import errno
+    out = tmp_path / "full"
+    argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(out)]
+
+    def no_space(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    real = T.torch.save
+    calls = []
+    monkeypatch.setattr(T.torch, "save", lambda *a, **k: (calls.append(1), (real if len(calls) == 1 else no_space)(*a, **k))[1])
+    with pytest.raises(SystemExit) as e:
+        T.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: disk full (") and "optim-tp0-dp0.pt" in err[0]
+    assert (out / "latest").read_text() == "step-000001" and not list(out.glob(".tmp-*"))
+
+
+def test_corrupt_tokenizer_json_is_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer.json"):
+        D.Tokenizer(tmp_path / "tokenizer.json")
