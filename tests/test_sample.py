@@ -190,3 +190,16 @@ def test_assemble_from_component_files(run_dir, tmp_path):
     assert torch.equal(model.skip_token, ref.skip_token)
     assert torch.equal(model.mov.proj[0].weight, ref.mov.proj[0].weight)
     assert torch.equal(model.llm.layers[0].attention.wq.weight, llm.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("flags,message", [(["--top-p", "0"], "--top-p must be in (0, 1]"),
+                                           (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+                                           (["--max-new-tokens", "-2"], "--max-new-tokens must be >= 1"),
+                                           (["--device", "nonsense"], "is not a device"),
+                                           (["--device", "cuda"], "no CUDA GPU")])
+def test_sample_cli_misuse_is_one_line(flags, message, capsys):
+    if flags[-1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        S.parse_args(["hi"] + flags)
+    assert message in capsys.readouterr().err

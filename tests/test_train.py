@@ -418,3 +418,14 @@ def test_corrupt_tokenizer_json_is_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer.json"):
         D.Tokenizer(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("flag,value,message", [("--micro-batch", "0", "--micro-batch must be > 0"),
+                                                ("--log-every", "0", "--log-every must be > 0"),
+                                                ("--steps", "-3", "--steps must be >= 0"),
+                                                ("--lr", "-1e-3", "--lr must be > 0"),
+                                                ("--ckpt-every", "-1", "--ckpt-every must be >= 0")])
+def test_cli_misuse_is_one_line(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--size", "tiny", flag, value])
+    assert message in capsys.readouterr().err
