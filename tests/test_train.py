@@ -427,5 +427,5 @@ def test_corrupt_tokenizer_json_is_named(tmp_path):
                                                 ("--ckpt-every", "-1", "--ckpt-every must be >= 0")])
 def test_cli_misuse_is_one_line(flag, value, message, capsys):
     with pytest.raises(SystemExit):
-        T.parse_args(["--size", "tiny", flag, value])
+        T.parse_args(["--size", "tiny", f"{flag}={value}"])
     assert message in capsys.readouterr().err
