@@ -612,6 +612,7 @@ class Batcher:
         self.source, self.tok, self.layout, self.max_len = source, tok, layout, max_len
         self.global_batch, self.rank, self.world, self.window = global_batch, rank, world, window
         self.batches, self.consumed, self.window_state = [], 0, source.state_dict()
+        self.unusable: dict[str, DataError] = {}      # record source -> why it cannot be encoded
 
     def _fill(self):
         self.window_state, self.consumed = self.source.state_dict(), 0
@@ -636,9 +637,14 @@ class Batcher:
         """The same, split into n_micro micro-batches for gradient accumulation."""
         encoded = []
         for s in self.next_samples():
+            if s.source in self.unusable:       # measured once: a bad record is not re-read every epoch
+                self.source.skips.handle(self.unusable[s.source])
+                continue
             try:
                 encoded.append(encode(s, self.tok, self.max_len, self.layout))
             except DataError as e:
+                if s.source and not s.source.startswith("synthetic:"):
+                    self.unusable[s.source] = e
                 self.source.skips.handle(e)
         # Always n_micro micro-batches, empty ones included: every DP rank must run the same number of
         # gradient reductions whatever it skipped, or the collectives stop matching and the job hangs.

@@ -401,3 +401,19 @@ def test_non_utf8_lines_and_pretty_printed_json_lists_are_named_by_line(tmp_path
     (tmp_path / "b.json").write_bytes(b'[\n {"a": "\xc3"}\n]')
     with pytest.raises(D.DataError, match=r"b.json:2: not UTF-8 text"):
         D.load_dataset(tmp_path / "b.json")
+
+
+def test_a_record_too_long_is_measured_once(tmp_path, bpe, monkeypatch):
+    long = {"conversations": [{"from": "human", "value": "word " * 400}, {"from": "gpt", "value": "Ok."}]}
+    short = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(long) + "\n" + json.dumps(short) + "\n")
+    skips = D.Skips("skip")
+    src = D.SampleSource([{"path": str(tmp_path / "d.jsonl"), "ratio": 1}], 0, 128, skips=skips)
+    calls = []
+    real = D.encode
+    monkeypatch.setattr(D, "encode", lambda s, *a: (calls.append(s.source), real(s, *a))[1])
+    b = D.Batcher(src, bpe, LAYOUT, 64, global_batch=2, window=2)
+    for _ in range(6):
+        b.next_micro(1)
+    assert calls.count(f"{tmp_path / 'd.jsonl'}:1") == 1 and skips.draws == 6
+    assert skips.report().startswith("skipped 1 bad samples, 6 draws")
