@@ -427,7 +427,7 @@ def load_llm(path, device="cpu", dtype=torch.float32) -> Transformer:
     if meta.get("format") != "sphinx-x-llm":
         raise CheckpointError(f"{path}: not a sphinx-x LLM checkpoint (format {meta.get('format')!r})")
     with torch.device("meta"):
-        model = Transformer(config_from_json(meta["config"], ModelConfig))
+        model = Transformer(config_from_json(_config_text(meta, path), ModelConfig))
     load_state_strict(model, iter_safetensors([path]), dtype=dtype, device=device, where=str(path))
     return model
 
@@ -582,6 +582,12 @@ def save_sphinx(path, model: Sphinx, extra: dict | None = None):
     save_safetensors_atomic(path, unique_state_dict(model), meta)
 
 
+def _config_text(meta: dict, path) -> str:
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: its metadata has no 'config' (written by another tool, or damaged)")
+    return meta["config"]
+
+
 def sphinx_config_from_json(text: str) -> SphinxConfig:
     d = json.loads(text)
     try:
@@ -601,7 +607,7 @@ def load_sphinx(path, device="cpu", dtype=torch.float32, **overrides) -> Sphinx:
     meta = read_safetensors_metadata(path)
     if meta.get("format") != "sphinx-x":
         raise CheckpointError(f"{path}: not a sphinx-x checkpoint (format {meta.get('format')!r})")
-    cfg = replace(sphinx_config_from_json(meta["config"]), **overrides)
+    cfg = replace(sphinx_config_from_json(_config_text(meta, path)), **overrides)
     verify_safetensors(path)
     model = build_sphinx(cfg, init=False)
     load_state_strict(model, iter_safetensors([path]), dtype=dtype, device=device, where=str(path))
@@ -633,7 +639,7 @@ def load_base(path, cfg: SphinxConfig, device="cpu", dtype=torch.float32) -> Sph
     meta = read_safetensors_metadata(path)
     if meta.get("format") != "sphinx-x-base":
         raise CheckpointError(f"{path}: not a sphinx-x base (format {meta.get('format')!r}); make one with pretrain.py")
-    base = sphinx_config_from_json(meta["config"])
+    base = sphinx_config_from_json(_config_text(meta, path))
     verify_safetensors(path)
     want = replace(cfg, llm=replace(cfg.llm, n_experts=0, top_k=2, ffn_dim=base.llm.ffn_dim))
     if (base.llm, base.convnext, base.vit) != (want.llm, want.convnext, want.vit):

@@ -429,3 +429,17 @@ def test_cli_misuse_is_one_line(flag, value, message, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--size", "tiny", f"{flag}={value}"])
     assert message in capsys.readouterr().err
+
+
+def test_damaged_metadata_and_state_are_one_line(tokenizer, tmp_path):
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "m.safetensors"), metadata={"format": "sphinx-x"})
+    with pytest.raises(T.CheckpointError, match="m.safetensors: its metadata has no 'config'"):
+        T.M.load_sphinx(tmp_path / "m.safetensors")
+    out = tmp_path / "s"
+    argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(out)]
+    T.train(T.parse_args(argv + ["--stop-after", "1"]))
+    state = out / "step-000001" / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "rng"}))
+    with pytest.raises(T.CheckpointError, match=r"state.json: unreadable or incomplete \(KeyError: 'rng'\)"):
+        T.train(T.parse_args(argv + ["--resume"]))
