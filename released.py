@@ -37,6 +37,11 @@ from vision import CONVNEXT_LAYOUTS, VIT_LAYOUTS
 
 SHARD_NAME = re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model\.pth$")
 SUPPORTED = {"llama_ens5_light"}          # mixtral_sparse_ens5 also needs the original SPHINX's encoders
+LLM_ONLY = {"llama_ens5_light", "mixtral_sparse_ens5"}      # load_released_llm reads their LLM
+# mixtral_sparse_ens5.py's MoE: w1 w2 w3 without ".weight", each (E * H, dim), expert e owning rows
+# e*H .. (e+1)*H; w1 and w3 are used as x @ w.T, w2 untransposed (h @ w2_e); a model-parallel shard
+# holds a slice of every expert's rows (_sparse_expert_merge).
+EXPERT = re.compile(r"^layers\.\d+\.feed_forward\.w[123]$")
 LLM_PART = re.compile(r"^(tok_embeddings|output|norm|layers\.\d+\.)")
 SPLIT_DIM = [(re.compile(r"^layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.weight$"), 0),
              (re.compile(r"^output\.weight$"), 0),
@@ -64,12 +69,17 @@ def reference_ffn_dim(args: dict) -> int:
 
 
 def llm_config(args: dict) -> M.ModelConfig:
+    """Our LLM config from the reference's ModelArgs (config.json): dense or, with `moe`, Mixtral."""
     if args.get("rope_scaling") not in (None, 1, 1.0):
         raise CheckpointError(f"config.json: rope_scaling {args['rope_scaling']} is not supported")
+    moe = args.get("moe") or {}
+    if args.get("head_dim") not in (None, args["dim"] // args["n_heads"]):
+        raise CheckpointError(f"config.json: head_dim {args['head_dim']} is not dim / n_heads")
     return M.ModelConfig(dim=args["dim"], n_layers=args["n_layers"], n_heads=args["n_heads"],
                          n_kv_heads=args.get("n_kv_heads") or args["n_heads"], vocab_size=args["vocab_size"],
-                         ffn_dim=reference_ffn_dim(args), norm_eps=args.get("norm_eps", 1e-5),
-                         rope_theta=float(args.get("rope_theta", 10000.0)), max_seq_len=args.get("max_seq_len", 4096))
+                         ffn_dim=args["hidden_dim"] if moe else reference_ffn_dim(args), norm_eps=args.get("norm_eps", 1e-5),
+                         rope_theta=float(args.get("rope_theta", 10000.0)), max_seq_len=args.get("max_seq_len", 4096),
+                         n_experts=moe.get("num_experts", 0), top_k=moe.get("num_experts_per_tok", 2))
 
 
 def rope_rows(w: torch.Tensor, n_heads: int, to_ours: bool) -> torch.Tensor:
@@ -122,7 +132,7 @@ def _load_shard(f: Path) -> dict:
     return sd
 
 
-def merged_tensors(files: list[Path]):
+def merged_tensors(files: list[Path], n_experts: int = 0):
     """(name without `llma.`, full tensor) pairs, shards concatenated by the reference's rules,
     one tensor at a time."""
     shards = [_load_shard(f) for f in files]
@@ -137,7 +147,11 @@ def merged_tensors(files: list[Path]):
         name = key[len("llma."):]
         dim = split_dim(name) if LLM_PART.match(name) else None
         parts = [sd.pop(key) for sd in shards]
-        yield name, parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+        if n_experts and EXPERT.match(name) and len(parts) > 1:        # every expert's rows, shard by shard
+            d = parts[0].shape[-1]
+            yield name, torch.cat([p.view(n_experts, -1, d) for p in parts], dim=1).view(-1, d)
+        else:
+            yield name, parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _rules():
@@ -157,6 +171,11 @@ def to_our_names(named, cfg: M.ModelConfig):
             heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}.get(name.split(".", 2)[-1])
             if heads and t.shape == (heads * cfg.head_dim, cfg.dim):      # a wrong shape is reported below
                 t = rope_rows(t, heads, to_ours=True)
+            if cfg.n_experts and EXPERT.match(name) and t.shape == (cfg.n_experts * cfg.ffn_dim, cfg.dim):
+                per = t.view(cfg.n_experts, cfg.ffn_dim, cfg.dim)
+                for e in range(cfg.n_experts):          # ours: w1, w3 (E, H, d); w2 (E, d, H)
+                    yield ("llm." + name, e), f"{name}[expert {e}]", per[e].T if name.endswith("w2") else per[e]
+                continue
             yield ("llm." + name, None), name, t
         elif name in OURS:
             yield (OURS[name], None), name, t.reshape(-1) if name in ("start_img", "end_img") else t
@@ -198,6 +217,28 @@ def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=t
         raise CheckpointError(f"{path}: tied embeddings are not in the reference layout")
     model.mov.freeze_encoders()
     return model
+
+
+def load_released_llm(path, device="cpu", dtype=torch.float32) -> M.Transformer:
+    """Only the LLM of a released directory (dense or mixtral_sparse_ens5's sparse MoE), strictly;
+    the vision side is left out (SPHINX-MoE's extra encoders are not built here yet)."""
+    path = Path(path)
+    llama_type = _read_json(path / "meta.json").get("llama_type")
+    if llama_type not in LLM_ONLY:
+        raise CheckpointError(f"{path}: llama_type {llama_type!r} is not supported (supported: {sorted(LLM_ONLY)})")
+    cfg = llm_config(_read_json(path / "config.json"))
+    with torch.device("meta"):
+        llm = M.Transformer(cfg)
+    renamed = {}
+
+    def named():
+        for target, src, t in to_our_names(merged_tensors(shard_files(path), cfg.n_experts), cfg):
+            if LLM_PART.match(src):                # the vision side is not read here
+                renamed[src] = (target[0][len("llm."):], target[1])
+                yield src, t
+    load_state_strict(llm, named(), lambda src: renamed.pop(src), dtype=dtype, device=device,
+                      where=f"{path} ({llama_type}, LLM)")
+    return llm
 
 
 # ----------------------------------------------------------------------------- writing

@@ -117,6 +117,9 @@ def meta_forward(sd: dict, args: dict, tokens: torch.Tensor) -> torch.Tensor:
         a = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / hd ** 0.5 + mask, -1)
         x = x + torch.einsum("hqk,khd->qhd", a, v).reshape(T, d) @ g(p + "attention.wo.weight").T
         h = rms(x, g(p + "ffn_norm.weight"))
+        if "moe_fn" in args:
+            x = x + args["moe_fn"](i, h)
+            continue
         x = x + (F.silu(h @ g(p + "feed_forward.w1.weight").T) * (h @ g(p + "feed_forward.w3.weight").T)) \
             @ g(p + "feed_forward.w2.weight").T
     return rms(x, g("norm.weight")) @ g("output.weight").T
@@ -237,3 +240,90 @@ def test_train_starts_from_a_released_directory(exported, tokenizer, tmp_path, m
     monkeypatch.setitem(M.SIZES, "toy", lambda: replace(CFG, llm=replace(LLM, n_layers=3)))
     with pytest.raises(SystemExit, match="its LLM .* is not --size toy's"):
         T.train(T.parse_args(argv[:-1] + [str(tmp_path / "run2")]))
+
+
+# ----------------------------------------------------------------------------- mixtral_sparse_ens5 (SPHINX-MoE)
+
+MOE_ARGS = {"dim": 64, "hidden_dim": 48, "head_dim": 16, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+            "vocab_size": 96, "norm_eps": 1e-5, "rope_theta": 1e6, "max_seq_len": 128,
+            "moe": {"num_experts_per_tok": 2, "num_experts": 4}}
+
+
+def _moe_reference_state(seed=0) -> dict:
+    """Random tensors with the names and shapes mixtral_sparse_ens5.py defines (MoE w1/w2/w3 are bare
+    Parameters of shape (E * H, dim), `gate` a Linear (E, dim)), plus vision keys the LLM loader must skip."""
+    g = torch.Generator().manual_seed(seed)
+    a, E, H = MOE_ARGS, MOE_ARGS["moe"]["num_experts"], MOE_ARGS["hidden_dim"]
+    d, hd = a["dim"], a["dim"] // a["n_heads"]
+    r = lambda *s: 0.1 * torch.randn(*s, generator=g)
+    sd = {"tok_embeddings.weight": r(a["vocab_size"], d), "norm.weight": 1 + r(d), "output.weight": r(a["vocab_size"], d),
+          "visual_proj.0.weight": r(d, 8), "qformer_proj.0.weight": r(d, 8), "clip.visual.conv1.weight": r(4, 3, 2, 2)}
+    for i in range(a["n_layers"]):
+        p = f"layers.{i}."
+        sd.update({p + "attention.wq.weight": r(a["n_heads"] * hd, d), p + "attention.wk.weight": r(a["n_kv_heads"] * hd, d),
+                   p + "attention.wv.weight": r(a["n_kv_heads"] * hd, d), p + "attention.wo.weight": r(d, a["n_heads"] * hd),
+                   p + "feed_forward.w1": r(E * H, d), p + "feed_forward.w2": r(E * H, d), p + "feed_forward.w3": r(E * H, d),
+                   p + "feed_forward.gate.weight": r(E, d), p + "attention_norm.weight": 1 + r(d), p + "ffn_norm.weight": 1 + r(d)})
+    return sd
+
+
+def _write_moe(sd: dict, path, shards: int):
+    """Shards by tensor_parallel.py's rules and mixtral_sparse_ens5's _sparse_expert_split."""
+    path.mkdir()
+    E = MOE_ARGS["moe"]["num_experts"]
+    parts = [{} for _ in range(shards)]
+    for k, t in sd.items():
+        if k.endswith(("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")):
+            pieces = [c.reshape(-1, t.shape[-1]) for c in t.view(E, -1, t.shape[-1]).chunk(shards, dim=1)]
+        elif R.split_dim(k) is not None:
+            pieces = t.chunk(shards, dim=R.split_dim(k))
+        else:
+            pieces = [t] * shards
+        for p, piece in zip(parts, pieces):
+            p["llma." + k] = piece.clone()
+    for i, p in enumerate(parts):
+        torch.save({"model": p}, path / f"consolidated.{i:02d}-of-{shards:02d}.model.pth")
+    (path / "config.json").write_text(json.dumps(MOE_ARGS))
+    (path / "meta.json").write_text(json.dumps({"llama_type": "mixtral_sparse_ens5"}))
+    return path
+
+
+def meta_moe_forward(sd: dict, tokens) -> torch.Tensor:
+    """As meta_forward, with mixtral_sparse_ens5's MoE: softmax over all experts, top-2, renormalised,
+    expert e = silu(x @ w1_e.T) * (x @ w3_e.T) @ w2_e with w2_e used untransposed."""
+    a, E = MOE_ARGS, MOE_ARGS["moe"]["num_experts"]
+    dense = dict(sd)
+    ffn = {}
+    for i in range(a["n_layers"]):
+        p = f"layers.{i}.feed_forward."
+        ffn[i] = {w: dense.pop(p + w).double().view(E, a["hidden_dim"], a["dim"]) for w in ("w1", "w2", "w3")}
+        ffn[i]["gate"] = dense.pop(p + "gate.weight").double()
+
+    def moe(i, h):
+        f = ffn[i]
+        probs = torch.softmax(h @ f["gate"].T, -1)
+        w, sel = probs.topk(2, -1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(h)
+        for t in range(h.shape[0]):
+            for k in range(2):
+                e = sel[t, k]
+                out[t] += w[t, k] * (F.silu(h[t] @ f["w1"][e].T) * (h[t] @ f["w3"][e].T)) @ f["w2"][e]
+        return out
+    return meta_forward({"llma." + k: v for k, v in dense.items()}, {**a, "moe_fn": moe}, tokens)
+
+
+def test_sparse_moe_llm_loads_from_one_and_two_shards_and_matches_the_reference_computation(tmp_path):
+    sd = _moe_reference_state()
+    tokens = torch.randint(0, MOE_ARGS["vocab_size"], (19,), generator=torch.Generator().manual_seed(3))
+    want = meta_moe_forward(sd, tokens)
+    got = {}
+    for n in (1, 2):
+        llm = R.load_released_llm(_write_moe(sd, tmp_path / f"mp{n}", n))
+        assert llm.cfg.n_experts == 4 and llm.cfg.ffn_dim == 48
+        with torch.no_grad():
+            got[n] = llm(tokens[None])[0][0].double()
+        torch.testing.assert_close(got[n], want, atol=2e-5, rtol=1e-5)
+    assert torch.equal(got[1], got[2])
+    with pytest.raises(CheckpointError, match="not supported.*Q-Former"):
+        R.load_released(tmp_path / "mp1")
