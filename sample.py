@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--experts", type=int, default=None, help="active experts per token (MoE)")
     p.add_argument("--no-skip-tokens", action="store_true", help="encode fully padded sub-images too")
     p.add_argument("--chat", action="store_true", help="multi-turn conversation about the same image")
@@ -115,7 +116,8 @@ def load(args):
         if not moe_layers(model):
             raise ValueError("--experts applies to MoE sizes only")
         set_top_k(model, args.experts)
-    return model.to(args.device).eval(), D.Tokenizer(tok_path)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+    return model.to(args.device, dtype).eval(), D.Tokenizer(tok_path)
 
 
 def answer(model, tok, turns, tiles, args, out=sys.stdout) -> str:

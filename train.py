@@ -60,6 +60,10 @@ def parse_args(argv=None):
                    help="peak lr of the fresh parts (projector, image tags, skip token); default --lr")
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="weights and activations (default bf16 on GPU, fp32 on CPU); master weights and AdamW "
+                        "moments stay fp32")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (the paper sizes); CPU sizes train one")
     p.add_argument("--init", default=None, help="a sphinx-x checkpoint to start from")
     p.add_argument("--base", default=None,
@@ -90,6 +94,12 @@ def parse_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = Path(args.out or f"out/{args.size}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, not {args.device!r} (the rank picks its GPU from LOCAL_RANK)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA GPU")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.size.startswith("tiny") and not (args.from_scratch or args.init or args.base):
         args.base = str(DEFAULT_BASE)
     if args.base and not Path(args.base).exists():
@@ -129,18 +139,18 @@ class Mesh:
         return self.rank == 0
 
 
-def setup_mesh(tp: int) -> Mesh:
-    """world = dp x tp; TP ranks are adjacent (rank = dp_rank * tp + tp_rank), as in Megatron."""
+def setup_mesh(tp: int, device: str = "cpu") -> Mesh:
+    """world = dp x tp; TP ranks are adjacent (rank = dp_rank * tp + tp_rank), as in Megatron.
+    NCCL between GPUs, gloo between CPU processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world % tp:
         raise SystemExit(f"--tp {tp} does not divide the {world} processes")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dp_group = tp_group = None
     if world > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
         for d in range(world // tp):                  # every rank creates every group, in the same order
             g = dist.new_group(list(range(d * tp, (d + 1) * tp)))
             if d == rank // tp and tp > 1:
@@ -153,8 +163,14 @@ def setup_mesh(tp: int) -> Mesh:
 
 
 def all_reduce(t, group, op=None):
+    """In place. NCCL only reduces GPU tensors: a CPU scalar (a count, a flag) travels through the GPU."""
     if group is not None:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+        if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+            g = t.cuda()
+            dist.all_reduce(g, op=op or dist.ReduceOp.SUM, group=group)
+            t.copy_(g.cpu())
+        else:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
     return t
 
 
@@ -325,8 +341,12 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphi
         model = M.build_sphinx(full.cfg, init=False, tp_group=mesh.tp_group)
         load_state_strict(model, ((n, shard(n, t, mesh.tp_rank, mesh.tp)) for n, t in M.unique_state_dict(full).items()))
         model.mov.freeze_encoders()
+    model.to(torch.device(args.device), DTYPES[args.dtype])
     model.llm.activation_checkpointing = args.activation_checkpointing
     return model.train()
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def tokenizer_corpus(seed: int, canvas: int, n: int = 4000):
@@ -573,7 +593,8 @@ def image_reliance(model, tok, mesh, samples) -> tuple[float, float]:
                 continue
             b = D.collate([e], tok)
             for k, tiles in enumerate((e.tiles, enc[other[i]].tiles)):
-                sums[k] += model(b["tokens"], [tiles], b["targets"], loss_sum=True)[1].item()
+                dev = model.skip_token.device
+                sums[k] += model(b["tokens"].to(dev), [tiles], b["targets"].to(dev), loss_sum=True)[1].item()
             sums[2] += b["n_targets"]
     all_reduce(sums, mesh.dp_group)
     n = max(sums[2].item(), 1)
@@ -586,16 +607,20 @@ MAX_EMPTY_BATCHES = 10      # consecutive global batches with every sample skipp
 
 # ----------------------------------------------------------------------------- the loop
 
-def measured_peak_flops() -> float:
-    """The best of several 2048^3 fp32 matmuls: MFU's denominator when no --peak-tflops is given."""
+def measured_peak_flops(device=torch.device("cpu"), dtype=torch.float32) -> float:
+    """The best of several 2048^3 matmuls in the run's device and dtype: MFU's denominator when no
+    --peak-tflops is given."""
     n = 2048
     gen = torch.Generator().manual_seed(0)           # its own generator: the run's RNG stream is untouched
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
     best = float("inf")
     for _ in range(6):
+        sync()
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
 
@@ -608,7 +633,7 @@ def count_flops(fn) -> int:
 
 
 def train(args) -> dict:
-    mesh = setup_mesh(args.tp)
+    mesh = setup_mesh(args.tp, args.device)
     lock, refusal = None, None
     if mesh.is_main:
         try:
@@ -630,6 +655,7 @@ def _train(args, mesh) -> dict:
     cfg = M.sphinx_config(args.size)
     tok = get_tokenizer(args, mesh, cfg)
     model = build_model(args, mesh, cfg, args.init)
+    dev = model.skip_token.device          # every tensor a step creates goes here
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     fresh_scale = (args.projector_lr or args.lr) / args.lr
@@ -656,10 +682,10 @@ def _train(args, mesh) -> dict:
     n_train = sum(p.numel() for _, p in trainable)
     log(f"SPHINX-X {args.size}: {n_train:,} trainable + {frozen:,} frozen parameters; DP {mesh.dp} x TP {mesh.tp}; "
         f"batch {args.batch} = {args.micro_batch} x {accum} accumulation x {mesh.dp} DP; at most "
-        f"{args.batch * args.max_len:,} tokens/step (image blocks included); per rank: weights {4 * sum(p.numel() for p in model.parameters()) / 2**20:.0f} MiB, "
+        f"{args.batch * args.max_len:,} tokens/step (image blocks included); per rank: weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB, "
         f"grad + optimizer shards {opt.state_bytes() / 2**20:.0f} MiB; lr {args.lr:g}"
         f"{f' (projector {args.projector_lr:g})' if args.projector_lr else ''}, {args.steps} steps")
-    peak = (args.peak_tflops or 0) * 1e12 or measured_peak_flops()
+    peak = (args.peak_tflops or 0) * 1e12 or measured_peak_flops(dev, DTYPES[args.dtype])
     metrics = open(args.out / "metrics.jsonl", "a") if mesh.is_main else None
     t0, tok_count, flops_per_token = time.perf_counter(), 0, None
     t_start, step0, throughput = t0, step, {}
@@ -677,13 +703,13 @@ def _train(args, mesh) -> dict:
                                  f"the data looks unusable. {skips.report()}")
             continue
         empty_batches = 0
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=dev)
         for b in micro:
             if not b["n_samples"]:              # all of this micro-batch skipped: only join the reduction
                 opt.reduce_gradients()
                 continue
             def fwd_bwd():
-                _, loss = model(b["tokens"], b["images"], b["targets"], loss_sum=True)
+                _, loss = model(b["tokens"].to(dev), b["images"], b["targets"].to(dev), loss_sum=True)
                 total = loss / max(n_targets, 1)
                 if is_moe:
                     # Averaged over layers, micro-batches and DP ranks; /tp because the router's gradient

@@ -443,3 +443,17 @@ def test_damaged_metadata_and_state_are_one_line(tokenizer, tmp_path):
     state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "rng"}))
     with pytest.raises(T.CheckpointError, match=r"state.json: unreadable or incomplete \(KeyError: 'rng'\)"):
         T.train(T.parse_args(argv + ["--resume"]))
+
+
+def test_bf16_training_follows_fp32(tokenizer, tmp_path):
+    # bf16 weights and activations, fp32 master weights, moments and loss: the first losses agree with
+    # the fp32 run within bf16's precision, and the step keeps its master copy in fp32.
+    argv = COMMON + ["--steps", "4", "--tokenizer", tokenizer, "--device", "cpu"]
+    fp32 = T.train(T.parse_args(argv + ["--out", str(tmp_path / "a"), "--dtype", "fp32"]))
+    bf16 = T.train(T.parse_args(argv + ["--out", str(tmp_path / "b"), "--dtype", "bf16"]))
+    assert bf16["model"].llm.tok_embeddings.weight.dtype == torch.bfloat16
+    assert all(m.dtype == torch.float32 for m in bf16["opt"].master)
+    a, b = torch.tensor(fp32["losses"]), torch.tensor(bf16["losses"])
+    assert ((a - b).abs() / a).max() < 0.03, (a, b)
+    model = T.M.load_sphinx(tmp_path / "b" / "model.safetensors")
+    assert model.llm.tok_embeddings.weight.dtype == torch.float32      # loaded in the dtype asked for
