@@ -86,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured on CPU)")
     p.add_argument("--stop-after", type=int, default=None, help="stop (as if killed) after this many steps")
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-rank memory and a roofline step time for these flags (plan.py), and exit")
+    p.add_argument("--plan-dp", type=int, default=8, help="data-parallel ranks the plan assumes")
     args = p.parse_args(argv)
     if args.size not in M.SIZES:
         p.error(f"unknown size {args.size!r}; known: {', '.join(M.SIZES)}")
@@ -108,7 +111,7 @@ def parse_args(argv=None):
     if parts and len(parts) < 3:
         p.error("the paper's start needs all of --llm, --convnext and --dinov2 (missing: "
                 f"{', '.join('--' + k for k in ('llm', 'convnext', 'dinov2') if not getattr(args, k))})")
-    if not args.steps and args.data == "synthetic":
+    if not args.steps and args.data == "synthetic" and not args.plan:
         p.error(f"--size {args.size}: give --steps (the synthetic data has no epochs) or --data mixture.json")
     for name, ok, want in (("steps", args.steps >= 0, ">= 0 (0: from --epochs)"), ("batch", args.batch > 0, "> 0"),
                            ("micro-batch", args.micro_batch > 0, "> 0"), ("log-every", args.log_every > 0, "> 0"),
@@ -784,6 +787,12 @@ def _train(args, mesh) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:                                   # builds on the meta device only: allocates nothing
+        import plan
+        p = plan.plan(M.sphinx_config(args.size), args.plan_dp, args.tp, args.micro_batch, args.max_len,
+                      weight_bytes=2 if args.dtype == "bf16" else 4, checkpointing=args.activation_checkpointing)
+        print(plan.table([(args.size, p | {"dp": args.plan_dp, "tp": args.tp})]))
+        return
     try:
         train(args)
     except (CheckpointError, D.DataError, ValueError, FileNotFoundError) as e:

@@ -96,7 +96,13 @@ def test_dp2_zero2_matches_one_process(single, tokenizer, tmp_path):
 
 
 def test_tp2_matches_one_process(single, tokenizer, tmp_path):
-    _assert_same(single, run(2, COMMON + ["--steps", "3", "--tp", "2", "--tokenizer", tokenizer], tmp_path, "tp2"))
+    tp2 = run(2, COMMON + ["--steps", "3", "--tp", "2", "--tokenizer", tokenizer], tmp_path, "tp2")
+    _assert_same(single, tp2)
+    # plan.py counts what the runs hold: fp32 ZeRO-2 state (grad shard + master + moments) per rank.
+    import plan as P
+    cfg = T.M.sphinx_config("tiny")
+    assert P.plan(cfg, dp=1, tp=1, weight_bytes=4)["zero2_state"] == single[0][0]["state_bytes"]
+    assert P.plan(cfg, dp=1, tp=2, weight_bytes=4)["zero2_state"] == tp2[0][0]["state_bytes"]
 
 
 def test_dp2_tp2_four_processes_match(single, tokenizer, tmp_path):
@@ -457,3 +463,16 @@ def test_bf16_training_follows_fp32(tokenizer, tmp_path):
     assert ((a - b).abs() / a).max() < 0.03, (a, b)
     model = T.M.load_sphinx(tmp_path / "b" / "model.safetensors")
     assert model.llm.tok_embeddings.weight.dtype == torch.float32      # loaded in the dtype asked for
+
+
+def test_plan_weight_bytes_are_what_a_run_allocates(single, tokenizer, tmp_path):
+    import plan as P
+    model = T.M.build_sphinx(T.M.sphinx_config("tiny"))
+    p = P.plan(model.cfg, weight_bytes=4)
+    assert p["weights"] == sum(t.numel() * t.element_size() for t in model.parameters())
+    assert p["full_grads"] == 4 * sum(t.numel() for t in model.parameters() if t.requires_grad)
+    assert p["trainable"] + p["frozen"] == sum(t.numel() for t in model.parameters())
+    # More DP ranks shrink only the ZeRO-2 state; activation checkpointing only the activations.
+    q = P.plan(model.cfg, dp=4, weight_bytes=4, checkpointing=True)
+    assert q["weights"] == p["weights"] and abs(q["zero2_state"] - p["zero2_state"] / 4) <= 16 * 4
+    assert q["activations"] < p["activations"]
