@@ -265,10 +265,13 @@ class Transformer(nn.Module):
         return vocab_parallel_embedding(tokens, self.tok_embeddings.weight, self.tp_group)
 
     def forward(self, tokens=None, *, embeds=None, targets=None, start_pos: int = 0,
-                last_only: bool = False, loss_sum: bool = False):
+                last_only: bool = False, loss_sum: bool = False, loss_only: bool = False):
         """tokens (B, T) or embeds (B, T, dim). targets (B, T): the next token at each
         position, IGNORE_INDEX where no loss is wanted. Returns (logits, loss): the mean loss over
-        targets, or their sum if loss_sum. Under TP the logits are this rank's vocab shard."""
+        targets, or their sum if loss_sum. Under TP the logits are this rank's vocab shard.
+        loss_only: logits only at the targets' positions (training: image and prompt positions predict
+        nothing, so their vocabulary projection is skipped, as the reference skips the image block);
+        returns (None, loss)."""
         if (tokens is None) == (embeds is None):
             raise ValueError("pass exactly one of tokens or embeds")
         h = self.embed_tokens(tokens) if embeds is None else embeds
@@ -290,13 +293,16 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
+        if loss_only and targets is not None:
+            keep = targets != IGNORE_INDEX
+            h, targets = h[keep][None], targets[keep][None]
         logits = self.output(copy_to_tp(h, self.tp_group))
         loss = None
         if targets is not None:
             loss = cross_entropy_sum(logits.flatten(0, 1), targets.flatten(), IGNORE_INDEX, self.tp_group)
             if not loss_sum:
                 loss = loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
-        return logits, loss
+        return (None if loss_only else logits), loss
 
 
 def materialise(model: nn.Module, device, dtype):
@@ -561,9 +567,10 @@ class Sphinx(nn.Module):
         return embeds, targets
 
     def forward(self, tokens, images=None, targets=None, start_pos: int = 0, last_only: bool = False,
-                loss_sum: bool = False):
+                loss_sum: bool = False, loss_only: bool = False):
         embeds, targets = self.embed(tokens, images, targets)
-        return self.llm(embeds=embeds, targets=targets, start_pos=start_pos, last_only=last_only, loss_sum=loss_sum)
+        return self.llm(embeds=embeds, targets=targets, start_pos=start_pos, last_only=last_only, loss_sum=loss_sum,
+                        loss_only=loss_only)
 
 
 def build_sphinx(cfg: SphinxConfig, device="cpu", dtype=torch.float32, init: bool = True, tp_group=None) -> Sphinx:

@@ -712,7 +712,7 @@ def _train(args, mesh) -> dict:
                 opt.reduce_gradients()
                 continue
             def fwd_bwd():
-                _, loss = model(b["tokens"].to(dev), b["images"], b["targets"].to(dev), loss_sum=True)
+                _, loss = model(b["tokens"].to(dev), b["images"], b["targets"].to(dev), loss_sum=True, loss_only=True)
                 total = loss / max(n_targets, 1)
                 if is_moe:
                     # Averaged over layers, micro-batches and DP ranks; /tp because the router's gradient

@@ -358,3 +358,21 @@ def test_internlm2_config_with_dynamic_rope_scaling_loads():
     assert M.rope_theta_at(cfg, 32768) == 1e6 and M.rope_theta_at(cfg, 65536) == pytest.approx(1e6 * 3 ** (128 / 126))
     with pytest.raises(M.CheckpointError, match="only dynamic NTK"):
         M.config_from_hf(hf | {"rope_scaling": {"type": "yarn", "factor": 4.0}})
+
+
+def test_loss_only_skips_the_vocabulary_projection_where_nothing_is_predicted():
+    torch.manual_seed(0)
+    m = M.build(M.ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64))
+    tokens = torch.randint(0, 64, (2, 12))
+    targets = torch.randint(0, 64, (2, 12))
+    targets[:, :7] = -100
+    targets[1, 9:] = -100
+    full = m(tokens, targets=targets, loss_sum=True)[1]
+    logits, part = m(tokens, targets=targets, loss_sum=True, loss_only=True)
+    assert logits is None
+    torch.testing.assert_close(part, full, rtol=1e-6, atol=1e-6)
+    full.backward()
+    g_full = m.output.weight.grad.clone()
+    m.zero_grad()
+    m(tokens, targets=targets, loss_sum=True, loss_only=True)[1].backward()
+    torch.testing.assert_close(m.output.weight.grad, g_full, rtol=1e-5, atol=1e-6)
