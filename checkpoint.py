@@ -82,7 +82,7 @@ def retie(model: nn.Module, pairs):
 
 
 def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None, dtype=torch.float32,
-                      device="cpu", where: str = "checkpoint", strict: bool = True):
+                      device="cpu", where: str = "checkpoint"):
     """Load (name, tensor) pairs into a model built on the meta device, checking every key and shape.
 
     rename(name) -> (our name, expert slot | None) or None for an unknown tensor; expand(our_name,
@@ -124,7 +124,7 @@ def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None,
         if len(slots) != expected[name][0]:
             missing_slots = sorted(set(range(expected[name][0])) - slots)
             misshaped.append(f"{name}: experts {missing_slots} missing")
-    missing = sorted(set(expected) - set(state) - bad_shape) if strict else []
+    missing = sorted(set(expected) - set(state) - bad_shape)
     if missing or unexpected or misshaped:
         parts = [f"{where} does not fit the model:"]
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
@@ -134,7 +134,7 @@ def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None,
     ties = tie_pairs(model)
     for n, src in ties:
         state[n] = state.get(src)
-    model.load_state_dict(state, strict=strict, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     retie(model, ties)
     return model
 

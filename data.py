@@ -669,7 +669,6 @@ def collate(encoded: list[Encoded], tok: Tokenizer) -> dict:
         "targets": torch.tensor([e.targets + [IGNORE_INDEX] * (T - len(e.targets)) for e in encoded],
                                 dtype=torch.long).view(-1, T),
         "images": [e.tiles for e in encoded],
-        "tasks": [e.task for e in encoded],
         "n_samples": len(encoded),
         "n_tokens": sum(len(e) for e in encoded),              # real positions, image blocks included
         "n_targets": sum(t != IGNORE_INDEX for e in encoded for t in e.targets),

@@ -48,11 +48,6 @@ def reduce_from_tp(x, group):
     return x if group is None else _ReduceFromTP.apply(x, group)
 
 
-def vocab_range(vocab: int, rank: int, world: int) -> tuple[int, int]:
-    per = vocab // world
-    return rank * per, (rank + 1) * per
-
-
 def vocab_parallel_embedding(tokens, weight, group):
     """weight holds rows [lo, hi) of the vocabulary on this rank; other ids contribute zeros, then g."""
     if group is None:

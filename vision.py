@@ -100,10 +100,6 @@ class ConvNeXt(nn.Module):
             self.stages.append(stage)
         self.head_norm = LayerNorm2d(cfg.dims[-1], eps=cfg.eps)
 
-    @property
-    def out_dim(self) -> int:
-        return self.cfg.dims[-1]
-
     def forward_features(self, x):
         """The stride-32 map before the head norm: (B, C, H/32, W/32)."""
         x = self.stem(x)
@@ -158,10 +154,6 @@ class ViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, cfg.dim))  # stands in for masked patches (pretrain.py)
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
-
-    @property
-    def out_dim(self) -> int:
-        return self.cfg.dim
 
     def positions(self, gh: int, gw: int):
         g = self.cfg.pos_grid
