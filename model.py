@@ -24,7 +24,7 @@ from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_s
 from moe import MoEFeedForward
 from parallel import copy_to_tp, cross_entropy_sum, reduce_from_tp, vocab_parallel_embedding
 from tiling import ImageLayout, Tiles
-from vision import CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, ViTConfig
+from vision import CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, ViTConfig, load_encoder
 
 IGNORE_INDEX = -100
 
@@ -58,6 +58,9 @@ class ModelConfig:
                              "dim must divide by n_heads and n_heads by n_kv_heads")
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k {self.top_k} must be in 1..n_experts ({self.n_experts})")
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}      # the --dtype choices of train.py and sample.py
 
 
 # The paper's LLMs (exact published configs) and small sizes that train on a CPU.
@@ -671,15 +674,21 @@ def load_parts(cfg: SphinxConfig, llm_dir, convnext_path, vit_path, device="cpu"
     """The paper's start (Sec. 3.2): a pretrained HF-format LLM and the two pretrained encoders (HF, timm
     or DINOv2 layouts), with a fresh projector, image tags and skip token. The LLM keeps its own
     config.json's context length and RoPE settings."""
-    from vision import load_encoder
     llm = load_hf(llm_dir, device, dtype)
     if not same_architecture(llm.cfg, cfg.llm):
         raise CheckpointError(f"{llm_dir}: its LLM ({llm.cfg}) is not this size's ({cfg.llm})")
-    cfg = replace(cfg, llm=llm.cfg)
-    model = build_sphinx(cfg, device, dtype)                  # random init: the fresh parts
+    model = build_sphinx(replace(cfg, llm=llm.cfg), init=False)       # meta: nothing is initialised twice
     model.llm = llm
     load_encoder(model.mov.convnext, convnext_path, dtype, device)
     load_encoder(model.mov.vit, vit_path, dtype, device)
+    with torch.no_grad():                                            # the fresh parts, as Sphinx.init_weights
+        lin, norm = model.mov.proj.to_empty(device=device).to(dtype)
+        torch.nn.init.normal_(lin.weight, std=0.02)
+        torch.nn.init.zeros_(lin.bias)
+        torch.nn.init.ones_(norm.weight)
+        torch.nn.init.zeros_(norm.bias)
+        for name in ("begin_of_image", "end_of_image", "skip_token"):
+            setattr(model, name, nn.Parameter(torch.empty(cfg.llm.dim, device=device, dtype=dtype).normal_(std=0.02)))
     model.mov.freeze_encoders()
     return model
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 import model as M
-from checkpoint import CheckpointError, compile_rules, load_state_strict, map_name, unique_state_dict
-from vision import CONVNEXT_LAYOUTS, VIT_LAYOUTS
+from checkpoint import CheckpointError, load_state_strict, map_name, unique_state_dict
+from vision import CONVNEXT_LAYOUTS, VIT_LAYOUTS, layout_rules
 
 SHARD_NAME = re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model\.pth$")
 SUPPORTED = {"llama_ens5_light"}          # mixtral_sparse_ens5 also needs the original SPHINX's encoders
@@ -155,12 +155,7 @@ def merged_tensors(files: list[Path], n_experts: int = 0):
 
 
 def _rules():
-    out = {}
-    for prefix, (ours, layout) in ENCODERS.items():
-        rules = [(s.replace("{p}", p), d.replace("{p}", p)) for s, d in layout
-                 for p in (("weight", "bias") if "{p}" in s else ("",))]
-        out[prefix] = (ours, compile_rules(rules))
-    return out
+    return {prefix: (ours, layout_rules(layout)) for prefix, (ours, layout) in ENCODERS.items()}
 
 
 def to_our_names(named, cfg: M.ModelConfig):
@@ -261,8 +256,7 @@ def from_our_names(model: M.Sphinx):
     """Our state -> (reference name without `llma.`, tensor)."""
     cfg = model.cfg.llm
     back = {v: k for k, v in OURS.items()}
-    inverse = {ours: [(d, s) for s, d in layout] for ours, layout in ENCODERS.values()}
-    enc_prefix = {ours: ref for ref, (ours, _) in ENCODERS.items()}
+    inverse = {ours: (ref, layout_rules(layout, reverse=True)) for ref, (ours, layout) in ENCODERS.items()}
     dim = cfg.dim
     for name, t in unique_state_dict(model).items():
         if name.startswith("llm."):
@@ -278,12 +272,11 @@ def from_our_names(model: M.Sphinx):
             ours = next((p for p in inverse if name.startswith(p)), None)
             if ours is None:
                 raise CheckpointError(f"{name}: no reference name for it")
-            rules = compile_rules([(d.replace("{p}", p), s.replace("{p}", p)) for d, s in inverse[ours]
-                                   for p in (("weight", "bias") if "{p}" in d else ("",))])
+            ref, rules = inverse[ours]
             target = map_name(name[len(ours):], rules)
             if target is None:
                 raise CheckpointError(f"{name}: no reference name for it")
-            yield enc_prefix[ours] + target[0], t
+            yield ref + target[0], t
 
 
 def export_released(model: M.Sphinx, path, shards: int = 1, tokenizer_model=None):

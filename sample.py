@@ -24,7 +24,6 @@ import released as R
 from checkpoint import CheckpointError, iter_safetensors, load_state_strict
 from moe import moe_layers, set_top_k
 from tiling import ImageError, canvas_to_photo, centered_to_photo, load_image
-from vision import load_encoder
 
 
 def parse_args(argv=None):
@@ -73,13 +72,7 @@ def assemble(args) -> M.Sphinx:
     missing = [f"--{k}" for k in ("llm", "convnext", "dinov2", "projector") if not getattr(args, k)]
     if missing:
         raise CheckpointError(f"--size {args.size} needs {', '.join(missing)}")
-    cfg = M.sphinx_config(args.size)
-    model = M.build_sphinx(cfg, init=False)
-    model.llm = M.load_hf(args.llm)
-    if not M.same_architecture(model.llm.cfg, cfg.llm):
-        raise CheckpointError(f"{args.llm}: its config differs from {args.size}'s LLM")
-    load_encoder(model.mov.convnext, args.convnext)
-    load_encoder(model.mov.vit, args.dinov2)
+    model = M.load_parts(M.sphinx_config(args.size), args.llm, args.convnext, args.dinov2)
     rest = torch.nn.ModuleDict({"proj": model.mov.proj})
     tags = dict(iter_safetensors([args.projector]))
     load_state_strict(rest, ((k.removeprefix("mov."), v) for k, v in tags.items() if k.startswith("mov.proj.")),
@@ -88,7 +81,6 @@ def assemble(args) -> M.Sphinx:
         if name not in tags:
             raise CheckpointError(f"{args.projector}: missing {name}")
         setattr(model, name, torch.nn.Parameter(tags[name].float()))
-    model.mov.freeze_encoders()
     return model
 
 
@@ -116,7 +108,7 @@ def load(args):
         if not moe_layers(model):
             raise ValueError("--experts applies to MoE sizes only")
         set_top_k(model, args.experts)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+    dtype = M.DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
     return model.to(args.device, dtype).eval(), D.Tokenizer(tok_path)
 
 

@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -344,12 +344,10 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphi
         model = M.build_sphinx(full.cfg, init=False, tp_group=mesh.tp_group)
         load_state_strict(model, ((n, shard(n, t, mesh.tp_rank, mesh.tp)) for n, t in M.unique_state_dict(full).items()))
         model.mov.freeze_encoders()
-    model.to(torch.device(args.device), DTYPES[args.dtype])
+    model.to(torch.device(args.device), M.DTYPES[args.dtype])
     model.llm.activation_checkpointing = args.activation_checkpointing
     return model.train()
 
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def tokenizer_corpus(seed: int, canvas: int, n: int = 4000):
@@ -590,13 +588,13 @@ def image_reliance(model, tok, mesh, samples) -> tuple[float, float]:
         groups.setdefault(tuple(e.tiles.fully_padded), []).append(i)
     other = {a: b for g in groups.values() for a, b in zip(g, g[1:] + g[:1])}   # a rotation: nobody keeps theirs
     sums = torch.zeros(3, dtype=torch.float64)                                  # own, other, targets
+    dev = model.skip_token.device
     with torch.no_grad():
         for i, e in enumerate(enc):
             if i % mesh.dp != mesh.dp_rank or other[i] == i:
                 continue
             b = D.collate([e], tok)
             for k, tiles in enumerate((e.tiles, enc[other[i]].tiles)):
-                dev = model.skip_token.device
                 sums[k] += model(b["tokens"].to(dev), [tiles], b["targets"].to(dev), loss_sum=True)[1].item()
             sums[2] += b["n_targets"]
     all_reduce(sums, mesh.dp_group)
@@ -604,8 +602,8 @@ def image_reliance(model, tok, mesh, samples) -> tuple[float, float]:
     return sums[0].item() / n, sums[1].item() / n
 
 
-BASELINE_SAMPLES = 2000
-MAX_EMPTY_BATCHES = 10      # consecutive global batches with every sample skipped before a run gives up     # synthetic training samples the text-only baseline looks answers up in
+BASELINE_SAMPLES = 2000     # synthetic training samples the text-only baseline looks answers up in
+MAX_EMPTY_BATCHES = 10      # consecutive global batches with every sample skipped before a run gives up
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -688,7 +686,7 @@ def _train(args, mesh) -> dict:
         f"{args.batch * args.max_len:,} tokens/step (image blocks included); per rank: weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB, "
         f"grad + optimizer shards {opt.state_bytes() / 2**20:.0f} MiB; lr {args.lr:g}"
         f"{f' (projector {args.projector_lr:g})' if args.projector_lr else ''}, {args.steps} steps")
-    peak = (args.peak_tflops or 0) * 1e12 or measured_peak_flops(dev, DTYPES[args.dtype])
+    peak = (args.peak_tflops or 0) * 1e12 or measured_peak_flops(dev, M.DTYPES[args.dtype])
     metrics = open(args.out / "metrics.jsonl", "a") if mesh.is_main else None
     t0, tok_count, flops_per_token = time.perf_counter(), 0, None
     t_start, step0, throughput = t0, step, {}

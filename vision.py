@@ -250,6 +250,14 @@ def _merge_hf_qkv(named):
             yield f"{base}.attention.attention.{which}.{p}", t
 
 
+def layout_rules(layout, reverse: bool = False):
+    """Compiled renaming rules of a layout table, source -> ours (reverse: ours -> source).
+    {p} stands for weight or bias; the other fields are integer indices."""
+    pairs = [(d, s) if reverse else (s, d) for s, d in layout]
+    return compile_rules([(a.replace("{p}", p), b.replace("{p}", p)) for a, b in pairs
+                          for p in (("weight", "bias") if "{p}" in a else ("",))])
+
+
 def load_encoder(module: nn.Module, path, dtype=torch.float32, device="cpu") -> nn.Module:
     """Load ConvNeXt or ViT weights from a safetensors file or HF directory, any known layout.
 
@@ -267,9 +275,7 @@ def load_encoder(module: nn.Module, path, dtype=torch.float32, device="cpu") -> 
         layout = "hf"
     else:
         layout = "dinov2" if is_vit else "timm"
-    # {p} stands for weight or bias; the other fields are integer indices.
-    rules = compile_rules([(s.replace("{p}", p), d.replace("{p}", p)) for s, d in layouts[layout]
-                           for p in (("weight", "bias") if "{p}" in s else ("",))])
+    rules = layout_rules(layouts[layout])
 
     def rename(name):
         return map_name(name, rules)

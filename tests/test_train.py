@@ -256,12 +256,17 @@ def test_zero2_adamw_matches_torch_adamw():
     opt = T.ZeRO2([("a.weight", params[0]), ("b", params[1])], mesh, lr=1e-2, bucket_numel=16)
     torch_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     assert len(opt.buckets) == 1 + 1
-    for _ in range(4):
-        grads = [torch.randn_like(p) for p in params]
-        for p, r, g in zip(params, ref, grads):
+    _step_both_and_compare(opt, torch_opt, params, ref, lr=1e-2)
+
+
+def _step_both_and_compare(opt, torch_opt, params, ref, lr, steps=4):
+    """The same random gradients into ZeRO-2 and torch's AdamW, then the same parameters."""
+    for _ in range(steps):
+        for p, r in zip(params, ref):
+            g = torch.randn_like(p)
             p.grad, r.grad = g.clone(), g.clone()
         opt.reduce_gradients()
-        opt.step(1e-2, clip=0)
+        opt.step(lr, clip=0)
         torch_opt.step()
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.detach(), r.detach(), atol=1e-6, rtol=0)
@@ -278,15 +283,7 @@ def test_zero2_lr_scale_matches_torch_param_groups():
     torch_opt = torch.optim.AdamW([{"params": [ref[0]], "lr": 1e-3}, {"params": [ref[1]], "lr": 1e-2}],
                                   betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     assert len(opt.buckets) == 1
-    for _ in range(4):
-        for p, r in zip(params, ref):
-            g = torch.randn_like(p)
-            p.grad, r.grad = g.clone(), g.clone()
-        opt.reduce_gradients()
-        opt.step(1e-3, clip=0)
-        torch_opt.step()
-    for p, r in zip(params, ref):
-        torch.testing.assert_close(p.detach(), r.detach(), atol=1e-6, rtol=0)
+    _step_both_and_compare(opt, torch_opt, params, ref, lr=1e-3)
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
