@@ -22,6 +22,7 @@ Every key starts with `llma.`. Facts this file relies on, read from the referenc
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -195,23 +196,23 @@ def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=t
     base = cfg or M.sphinx_config("sphinx-tiny")
     cfg = M.SphinxConfig(llm, base.convnext, base.vit, canvas=1024, grid=2, skip_tokens=False, image_path="reference")
     model = M.build_sphinx(cfg, init=False)
-    renamed = {}
-
-    def rename(src):
-        return renamed.pop(src)
-
-    def named():
-        for target, src, t in to_our_names(merged_tensors(shard_files(path)), llm):
-            renamed[src] = target
-            yield src, t
-        # The released models never learnt a skip token (they encode every sub-image); ours is unused.
-        renamed["(no skip token)"] = ("skip_token", None)
-        yield "(no skip token)", torch.zeros(llm.dim)
-    load_state_strict(model, named(), rename, dtype=dtype, device=device, where=f"{path} ({llama_type})")
-    if model.llm.cfg.tie_embeddings:
-        raise CheckpointError(f"{path}: tied embeddings are not in the reference layout")
+    # The released models never learnt a skip token (they encode every sub-image); ours is unused.
+    no_skip = [(("skip_token", None), "(no skip token)", torch.zeros(llm.dim))]
+    _load_renamed(model, itertools.chain(to_our_names(merged_tensors(shard_files(path)), llm), no_skip),
+                  dtype=dtype, device=device, where=f"{path} ({llama_type})")
     model.mov.freeze_encoders()
     return model
+
+
+def _load_renamed(module, triples, **kw):
+    """load_state_strict over (our target, source name, tensor) triples: problems are reported by source name."""
+    targets = {}
+
+    def named():
+        for target, src, t in triples:
+            targets[src] = target
+            yield src, t
+    return load_state_strict(module, named(), lambda src: targets.pop(src), **kw)
 
 
 def load_released_llm(path, device="cpu", dtype=torch.float32) -> M.Transformer:
@@ -224,16 +225,10 @@ def load_released_llm(path, device="cpu", dtype=torch.float32) -> M.Transformer:
     cfg = llm_config(_read_json(path / "config.json"))
     with torch.device("meta"):
         llm = M.Transformer(cfg)
-    renamed = {}
-
-    def named():
-        for target, src, t in to_our_names(merged_tensors(shard_files(path), cfg.n_experts), cfg):
-            if LLM_PART.match(src):                # the vision side is not read here
-                renamed[src] = (target[0][len("llm."):], target[1])
-                yield src, t
-    load_state_strict(llm, named(), lambda src: renamed.pop(src), dtype=dtype, device=device,
-                      where=f"{path} ({llama_type}, LLM)")
-    return llm
+    triples = (((target[0][len("llm."):], target[1]), src, t)
+               for target, src, t in to_our_names(merged_tensors(shard_files(path), cfg.n_experts), cfg)
+               if LLM_PART.match(src))                                 # the vision side is not read here
+    return _load_renamed(llm, triples, dtype=dtype, device=device, where=f"{path} ({llama_type}, LLM)")
 
 
 # ----------------------------------------------------------------------------- writing
