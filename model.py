@@ -507,10 +507,6 @@ class Sphinx(nn.Module):
         for p in (self.begin_of_image, self.end_of_image, self.skip_token):
             nn.init.normal_(p, std=std)
 
-    def encoded_views(self, tiles: Tiles) -> list[bool]:
-        """Per view: True if encoded, False if replaced by the skip token."""
-        return [not (self.cfg.skip_tokens and padded) for padded in tiles.fully_padded]
-
     @property
     def layout(self) -> ImageLayout:
         if self.cfg.image_path == "reference":       # DINOv2 fixes the grid: 224-pixel views
@@ -520,27 +516,30 @@ class Sphinx(nn.Module):
 
     def image_cost(self, tiles: Tiles) -> dict:
         """What one image costs: views through the encoders, skip tokens, LLM positions."""
-        enc = self.encoded_views(tiles)
+        layout = self.layout
+        enc = layout.encoded(tiles.fully_padded)
         return {"views_encoded": sum(enc), "skip_tokens": len(enc) - sum(enc),
-                "image_tokens": self.layout.block_len(tiles.fully_padded)}
+                "image_tokens": layout.block_len(tiles.fully_padded)}
 
     def image_blocks(self, images: list[Tiles | None]) -> list[torch.Tensor | None]:
         """(L_i, d) image block per sample; all encoded views of the batch go through MoV at once."""
         dev, dt = self.skip_token.device, self.skip_token.dtype
+        layout = self.layout
+        encoded = [None if t is None else layout.encoded(t.fully_padded) for t in images]
         if any(t is not None and t.reference for t in images):      # the released models' path
             canvases = torch.cat([t.views for t in images if t is not None]).to(dev, dt)
             feats = self.mov.proj(self.mov.reference_tokens(canvases))
         else:
-            views = [v for t in images if t is not None for v, enc in zip(t.views, self.encoded_views(t)) if enc]
+            views = [v for t, enc in zip(images, encoded) if t is not None for v, e in zip(t.views, enc) if e]
             feats = self.mov(torch.stack(views).to(dev, dt)) if views else None
         blocks, k = [], 0
-        for t in images:
-            if t is None:
+        for enc in encoded:
+            if enc is None:
                 blocks.append(None)
                 continue
             parts = []
-            for enc in self.encoded_views(t):
-                if enc:
+            for e in enc:
+                if e:
                     parts += [self.begin_of_image[None], feats[k], self.end_of_image[None]]
                     k += 1
                 else:
@@ -670,25 +669,40 @@ def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keep)
 
 
-def load_parts(cfg: SphinxConfig, llm_dir, convnext_path, vit_path, device="cpu", dtype=torch.float32) -> Sphinx:
+FRESH_PARTS = ("mov.proj.", "begin_of_image", "end_of_image", "skip_token")   # what one-stage tuning creates
+
+
+def load_parts(cfg: SphinxConfig, llm_dir, convnext_path, vit_path, projector=None, device="cpu",
+               dtype=torch.float32, **overrides) -> Sphinx:
     """The paper's start (Sec. 3.2): a pretrained HF-format LLM and the two pretrained encoders (HF, timm
-    or DINOv2 layouts), with a fresh projector, image tags and skip token. The LLM keeps its own
-    config.json's context length and RoPE settings."""
+    or DINOv2 layouts), with a fresh projector, image tags and skip token, or, given `projector`, those
+    read from that safetensors file (a tuned model shipped as parts). The LLM keeps its own config.json's
+    context length and RoPE settings; overrides (e.g. skip_tokens=False) replace config fields."""
     llm = load_hf(llm_dir, device, dtype)
     if not same_architecture(llm.cfg, cfg.llm):
         raise CheckpointError(f"{llm_dir}: its LLM ({llm.cfg}) is not this size's ({cfg.llm})")
-    model = build_sphinx(replace(cfg, llm=llm.cfg), init=False)       # meta: nothing is initialised twice
+    model = build_sphinx(replace(cfg, llm=llm.cfg, **overrides), init=False)   # meta: nothing initialised twice
     model.llm = llm
     load_encoder(model.mov.convnext, convnext_path, dtype, device)
     load_encoder(model.mov.vit, vit_path, dtype, device)
-    with torch.no_grad():                                            # the fresh parts, as Sphinx.init_weights
-        lin, norm = model.mov.proj.to_empty(device=device).to(dtype)
-        torch.nn.init.normal_(lin.weight, std=0.02)
-        torch.nn.init.zeros_(lin.bias)
-        torch.nn.init.ones_(norm.weight)
-        torch.nn.init.zeros_(norm.bias)
-        for name in ("begin_of_image", "end_of_image", "skip_token"):
-            setattr(model, name, nn.Parameter(torch.empty(cfg.llm.dim, device=device, dtype=dtype).normal_(std=0.02)))
+    fresh = nn.ModuleDict({"mov": nn.ModuleDict({"proj": model.mov.proj})})
+    for name in FRESH_PARTS[1:]:
+        fresh.register_parameter(name, getattr(model, name))
+    if projector is not None:
+        load_state_strict(fresh, ((k, t) for k, t in iter_safetensors([projector]) if k.startswith(FRESH_PARTS)),
+                          dtype=dtype, device=device, where=str(projector))
+    else:
+        fresh.to_empty(device=device).to(dtype)
+        with torch.no_grad():                                        # as Sphinx.init_weights
+            lin, norm = model.mov.proj
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+            nn.init.ones_(norm.weight)
+            nn.init.zeros_(norm.bias)
+            for name in FRESH_PARTS[1:]:
+                nn.init.normal_(getattr(fresh, name), std=0.02)
+    for name in FRESH_PARTS[1:]:                       # to_empty/assign replaced them inside `fresh` only
+        setattr(model, name, getattr(fresh, name))
     model.mov.freeze_encoders()
     return model
 

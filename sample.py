@@ -21,7 +21,7 @@ import torch
 import data as D
 import model as M
 import released as R
-from checkpoint import CheckpointError, iter_safetensors, load_state_strict
+from checkpoint import CheckpointError
 from moe import moe_layers, set_top_k
 from tiling import ImageError, canvas_to_photo, centered_to_photo, load_image
 
@@ -67,26 +67,14 @@ def parse_args(argv=None):
     return args
 
 
-def assemble(args) -> M.Sphinx:
-    """A paper-size Sphinx from its parts: LLM directory, two encoders, projector + tags file."""
-    missing = [f"--{k}" for k in ("llm", "convnext", "dinov2", "projector") if not getattr(args, k)]
-    if missing:
-        raise CheckpointError(f"--size {args.size} needs {', '.join(missing)}")
-    model = M.load_parts(M.sphinx_config(args.size), args.llm, args.convnext, args.dinov2)
-    rest = torch.nn.ModuleDict({"proj": model.mov.proj})
-    tags = dict(iter_safetensors([args.projector]))
-    load_state_strict(rest, ((k.removeprefix("mov."), v) for k, v in tags.items() if k.startswith("mov.proj.")),
-                      where=args.projector)
-    for name in ("begin_of_image", "end_of_image", "skip_token"):
-        if name not in tags:
-            raise CheckpointError(f"{args.projector}: missing {name}")
-        setattr(model, name, torch.nn.Parameter(tags[name].float()))
-    return model
-
-
 def load(args):
+    overrides = {"skip_tokens": False} if args.no_skip_tokens else {}
     if args.size:
-        model = assemble(args)
+        missing = [f"--{k}" for k in ("llm", "convnext", "dinov2", "projector") if not getattr(args, k)]
+        if missing:
+            raise CheckpointError(f"--size {args.size} needs {', '.join(missing)}")
+        model = M.load_parts(M.sphinx_config(args.size), args.llm, args.convnext, args.dinov2, args.projector,
+                             **overrides)
         tok_path = args.tokenizer
     else:
         ckpt = Path(args.ckpt)
@@ -97,13 +85,10 @@ def load(args):
             model = R.load_released(ckpt, dtype=torch.bfloat16 if args.device != "cpu" else torch.float32)
             tok_path = args.tokenizer or ckpt / "tokenizer.model"
         else:
-            model = M.load_sphinx(ckpt)
+            model = M.load_sphinx(ckpt, **overrides)
             tok_path = args.tokenizer or ckpt.parent / "tokenizer.json"
     if not tok_path or not Path(tok_path).exists():
         raise CheckpointError(f"no tokenizer at {tok_path}; pass --tokenizer")
-    if args.no_skip_tokens:
-        from dataclasses import replace
-        model.cfg = replace(model.cfg, skip_tokens=False)
     if args.experts is not None:
         if not moe_layers(model):
             raise ValueError("--experts applies to MoE sizes only")

@@ -35,12 +35,11 @@ class Tiles:
     fully_padded: list[bool]     # per view; the global view is never padded
     grid: int
     canvas: int
-    photo_size: tuple[int, int]  # (w, h) of the original photo (after EXIF rotation)
     resized: tuple[int, int]     # (w, h) of the photo on the canvas
     reference: bool = False      # the reference path: photo centred, views made by the model
 
     @property
-    def n_skipped(self) -> int:
+    def n_fully_padded(self) -> int:
         return sum(self.fully_padded)
 
 
@@ -56,9 +55,14 @@ class ImageLayout:
     def tile(self, img: Image.Image) -> "Tiles":
         return reference_tile(img, self.canvas) if self.reference else tile(img, self.canvas, self.grid)
 
+    def encoded(self, fully_padded: list[bool]) -> list[bool]:
+        """The skip-token rule (paper Sec. 3.1), stated once: per view, True if it goes through the
+        encoders, False if a fully padded sub-image is replaced by one learnable skip token."""
+        return [not (self.skip_tokens and padded) for padded in fully_padded]
+
     def block_len(self, fully_padded: list[bool]) -> int:
-        n_skip = sum(fully_padded) if self.skip_tokens else 0
-        return (len(fully_padded) - n_skip) * (self.tokens_per_view + 2) + n_skip
+        enc = self.encoded(fully_padded)
+        return sum(enc) * (self.tokens_per_view + 2) + (len(enc) - sum(enc))
 
     def block_len_for_size(self, w: int, h: int) -> int:
         """The same from the photo size alone (no decoding): geometry decides padding."""
@@ -142,7 +146,7 @@ def tile(img: Image.Image, canvas: int = 448, grid: int = 2) -> Tiles:
     subs = subs.permute(1, 2, 0, 3, 4).reshape(grid * grid, 3, sub, sub)
     return Tiles(views=torch.cat([global_view[None], subs]).contiguous(),
                  fully_padded=[False] + fully_padded_mask((rw, rh), canvas, grid),
-                 grid=grid, canvas=canvas, photo_size=(w, h), resized=(rw, rh))
+                 grid=grid, canvas=canvas, resized=(rw, rh))
 
 
 REFERENCE_FILL = (122, 116, 104)   # the reference pads with the CLIP mean, int(x * 255) per channel
@@ -162,7 +166,7 @@ def reference_tile(img: Image.Image, canvas: int = 1024) -> Tiles:
     square = square.resize((canvas, canvas), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return Tiles(views=x[None], fully_padded=[False] * 5, grid=2, canvas=canvas,
-                 photo_size=(w, h), resized=(round(w * canvas / side), round(h * canvas / side)), reference=True)
+                 resized=(round(w * canvas / side), round(h * canvas / side)), reference=True)
 
 
 # ----------------------------------------------------------------------------- boxes

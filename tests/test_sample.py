@@ -13,6 +13,7 @@ from PIL import Image
 import data as D
 import model as M
 import sample as S
+from checkpoint import CheckpointError
 import tiling as T
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,6 +191,11 @@ def test_assemble_from_component_files(run_dir, tmp_path):
     assert torch.equal(model.skip_token, ref.skip_token)
     assert torch.equal(model.mov.proj[0].weight, ref.mov.proj[0].weight)
     assert torch.equal(model.llm.layers[0].attention.wq.weight, llm.model.layers[0].self_attn.q_proj.weight)
+    assert all(p.device.type == "cpu" for p in model.parameters())      # nothing left on the meta device
+    tags = {k: v for k, v in ref.state_dict().items() if k.startswith("mov.proj.") or k in ("begin_of_image", "end_of_image")}
+    save_file(tags, str(tmp_path / "proj.safetensors"))                 # the skip token is missing
+    with pytest.raises(CheckpointError, match="skip_token"):
+        S.load(args)
 
 
 @pytest.mark.parametrize("flags,message", [(["--top-p", "0"], "--top-p must be in (0, 1]"),

@@ -34,7 +34,7 @@ def test_real_photos_skip_counts(name, aspect):
     for (canvas, grid), expected in zip(((448, 2), (672, 3)), EXPECTED_SKIPS[aspect]):
         t = T.tile(img, canvas, grid)
         assert t.views.shape == (1 + grid * grid, 3, canvas // grid, canvas // grid)
-        assert t.n_skipped == expected, (name, aspect, canvas, t.resized)
+        assert t.n_fully_padded == expected, (name, aspect, canvas, t.resized)
         assert not t.fully_padded[0]                       # the global view is always encoded
         for v, padded in zip(t.views[1:], t.fully_padded[1:]):
             if padded:                                      # geometry says padded -> truly no photo pixel
@@ -54,14 +54,14 @@ def test_wide_photo_layout_row_major():
 
 def test_edge_cases():
     one = T.tile(Image.new("RGB", (1, 1), (200, 10, 10)), 448, 2)
-    assert one.resized == (448, 448) and one.n_skipped == 0
+    assert one.resized == (448, 448) and one.n_fully_padded == 0
     thin = T.tile(Image.new("RGB", (1, 4000), (9, 9, 9)), 448, 2)
     assert thin.resized == (1, 448) and thin.fully_padded == [False, False, True, False, True]
-    assert T.tile(Image.new("RGB", (1, 4000)), 672, 3).n_skipped == 6
+    assert T.tile(Image.new("RGB", (1, 4000)), 672, 3).n_fully_padded == 6
     # An all-black photo looks exactly like padding, and is never skipped: geometry decides.
     black = T.tile(Image.new("RGB", (600, 600)), 448, 2)
-    assert black.n_skipped == 0 and black.views.abs().max() == 0
-    assert T.tile(Image.new("RGB", (800, 400)), 448, 2).n_skipped == 2
+    assert black.n_fully_padded == 0 and black.views.abs().max() == 0
+    assert T.tile(Image.new("RGB", (800, 400)), 448, 2).n_fully_padded == 2
 
 
 def test_boxes_round_trip_within_a_pixel():
@@ -111,7 +111,7 @@ def test_any_mode_to_rgb(mode, make, expected, tmp_path):
     rgb = T.load_image(path)
     assert rgb.mode == "RGB" and rgb.size == (4, 2)
     assert np.abs(np.asarray(rgb, np.int32) - np.array(expected)).max() <= 2
-    assert T.tile(rgb, 64, 2).n_skipped == 2
+    assert T.tile(rgb, 64, 2).n_fully_padded == 2
 
 
 def test_exif_orientation_applied(tmp_path):
