@@ -1,4 +1,5 @@
-"""Megatron tensor parallelism as a few explicit autograd Functions (picotron style).
+"""The process mesh (DP x TP) and Megatron tensor parallelism as a few explicit autograd Functions
+(picotron style).
 
 f = copy_to_tp:      identity forward, all-reduce of the gradient backward (before column-split layers)
 g = reduce_from_tp:  all-reduce forward, identity backward (after row-split layers)
@@ -10,10 +11,72 @@ so model.py reads the same with and without tensor parallelism.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+
+# ----------------------------------------------------------------------------- process mesh
+
+@dataclass
+class Mesh:
+    rank: int
+    world: int
+    dp_rank: int
+    dp: int
+    tp_rank: int
+    tp: int
+    dp_group: object = None      # ranks holding the same TP shard (None when dp == 1)
+    tp_group: object = None      # ranks sharing one model replica (None when tp == 1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_mesh(tp: int, device: str = "cpu") -> Mesh:
+    """world = dp x tp; TP ranks are adjacent (rank = dp_rank * tp + tp_rank), as in Megatron.
+    NCCL between GPUs, gloo between CPU processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world % tp:
+        raise SystemExit(f"--tp {tp} does not divide the {world} processes")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dp_group = tp_group = None
+    if world > 1:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        for d in range(world // tp):                  # every rank creates every group, in the same order
+            g = dist.new_group(list(range(d * tp, (d + 1) * tp)))
+            if d == rank // tp and tp > 1:
+                tp_group = g
+        for t in range(tp):
+            g = dist.new_group(list(range(t, world, tp)))
+            if t == rank % tp and world // tp > 1:
+                dp_group = g
+    return Mesh(rank, world, rank // tp, world // tp, rank % tp, tp, dp_group, tp_group)
+
+
+def all_reduce(t, group, op=None):
+    """In place. NCCL only reduces GPU tensors: a CPU scalar (a count, a flag) travels through the GPU."""
+    if group is not None:
+        if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+            g = t.cuda()
+            dist.all_reduce(g, op=op or dist.ReduceOp.SUM, group=group)
+            t.copy_(g.cpu())
+        else:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def world_group(mesh):
+    return dist.group.WORLD if mesh.world > 1 else None
+
+
+# ----------------------------------------------------------------------------- TP collectives
 
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
@@ -146,3 +209,12 @@ def unshard(name: str, local: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts, dim=d)
+
+
+def partial_grad(name: str) -> bool:
+    """A replicated parameter whose gradient each TP rank computes only in part: the MoE router, whose
+    weights scale every rank's slice of the experts' output. Its gradient is summed over the TP group
+    before the optimizer sees it; a loss term every TP rank computes in full on it (the load-balancing
+    loss) must then be divided by the TP size, or its gradient would count TP times."""
+    return name.endswith(".feed_forward.gate.weight")
+

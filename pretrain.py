@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 import data as D
 import model as M
-from checkpoint import save_safetensors_atomic
 from tiling import photo_to_canvas, tile
 
 RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, clip_steps=400, mim_steps=400, vis_batch=128,

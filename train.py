@@ -3,9 +3,9 @@
     torchrun --nproc_per_node 1 train.py --size tiny        # or: python train.py --size tiny
     torchrun --nproc_per_node 4 train.py --size tiny --tp 2  # 2 (DP) x 2 (TP)
 
-Read top to bottom: arguments and the paper's recipe, the process mesh, ZeRO-2 (flat buckets,
-reduce-scatter, sharded AdamW, all-gather), checkpoints, evaluation, the loop. Every collective
-is a visible dist.* call here or in parallel.py.
+Read top to bottom: arguments and the paper's recipe, model and tokenizer, checkpoints, evaluation,
+the loop. The process mesh and tensor parallelism are in parallel.py, ZeRO-2 in zero.py; every
+collective is a visible dist.* call in one of the three.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,8 +27,9 @@ import data as D
 import model as M
 import released as R
 from checkpoint import CheckpointError, file_sha256, iter_safetensors, load_state_strict, read_safetensors_metadata
-from moe import moe_layers, total_aux_loss, track_usage, usage_report
-from parallel import shard, split_dim, unshard
+from moe import total_aux_loss, track_usage, usage_report
+from parallel import Mesh, all_reduce, setup_mesh, shard, unshard, world_group
+from zero import ZeRO2
 
 # Paper recipe (Sec. 4.1): AdamW (0.9, 0.95), wd 0, lr 2e-5 (5e-6 MoE), 1% linear warm-up, cosine to 0,
 # effective batch 256. The CPU sizes keep the schedule with a learning rate that suits a tiny model.
@@ -122,194 +122,6 @@ def parse_args(argv=None):
         if not ok:
             p.error(f"--{name} must be {want}, not {getattr(args, name.replace('-', '_'))}")
     return args
-
-
-# ----------------------------------------------------------------------------- process mesh
-
-@dataclass
-class Mesh:
-    rank: int
-    world: int
-    dp_rank: int
-    dp: int
-    tp_rank: int
-    tp: int
-    dp_group: object = None      # ranks holding the same TP shard (None when dp == 1)
-    tp_group: object = None      # ranks sharing one model replica (None when tp == 1)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_mesh(tp: int, device: str = "cpu") -> Mesh:
-    """world = dp x tp; TP ranks are adjacent (rank = dp_rank * tp + tp_rank), as in Megatron.
-    NCCL between GPUs, gloo between CPU processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world % tp:
-        raise SystemExit(f"--tp {tp} does not divide the {world} processes")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dp_group = tp_group = None
-    if world > 1:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        for d in range(world // tp):                  # every rank creates every group, in the same order
-            g = dist.new_group(list(range(d * tp, (d + 1) * tp)))
-            if d == rank // tp and tp > 1:
-                tp_group = g
-        for t in range(tp):
-            g = dist.new_group(list(range(t, world, tp)))
-            if t == rank % tp and world // tp > 1:
-                dp_group = g
-    return Mesh(rank, world, rank // tp, world // tp, rank % tp, tp, dp_group, tp_group)
-
-
-def all_reduce(t, group, op=None):
-    """In place. NCCL only reduces GPU tensors: a CPU scalar (a count, a flag) travels through the GPU."""
-    if group is not None:
-        if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
-            g = t.cuda()
-            dist.all_reduce(g, op=op or dist.ReduceOp.SUM, group=group)
-            t.copy_(g.cpu())
-        else:
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
-    return t
-
-
-def world_group(mesh):
-    return dist.group.WORLD if mesh.world > 1 else None
-
-
-# ----------------------------------------------------------------------------- ZeRO-2
-
-class ZeRO2:
-    """Trainable parameters live in flat buckets; each DP rank owns 1/dp of every bucket.
-
-    After each micro-batch backward, gradients are reduce-scattered into this rank's fp32 gradient
-    shard and the full gradients are freed. The step clips by the global norm (across DP and TP),
-    runs AdamW on the fp32 master shard, and all-gathers the updated shards back into the buckets,
-    which the parameters are views of. Frozen parameters (the encoders) are never seen here.
-    """
-
-    def __init__(self, named_params, mesh: Mesh, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                 bucket_numel=8 << 20, lr_scale=lambda name: 1.0):
-        self.mesh, self.lr, self.betas, self.eps, self.wd = mesh, lr, betas, eps, weight_decay
-        self.step_count = 0
-        self.buckets = []
-        cur, n = [], 0
-        for name, p in named_params:
-            if cur and n + p.numel() > bucket_numel:
-                self.buckets.append(cur)
-                cur, n = [], 0
-            cur.append((name, p))
-            n += p.numel()
-        if cur:
-            self.buckets.append(cur)
-        dp, r = mesh.dp, mesh.dp_rank
-        self.flat, self.master, self.m, self.v, self.grad, self.norm_w, self.sizes = [], [], [], [], [], [], []
-        self.lr_w = []          # per-element lr multiplier (lr_scale of the parameter it belongs to)
-        for bucket in self.buckets:
-            numel = sum(p.numel() for _, p in bucket)
-            padded = math.ceil(numel / dp) * dp
-            flat = torch.zeros(padded, dtype=bucket[0][1].dtype, device=bucket[0][1].device)
-            w, lr_w = torch.zeros(padded), torch.ones(padded)
-            off = 0
-            for name, p in bucket:
-                flat[off:off + p.numel()].copy_(p.detach().flatten())
-                p.data = flat[off:off + p.numel()].view_as(p)
-                # Replicated parameters count once in the global norm (on TP rank 0); TP shards everywhere.
-                w[off:off + p.numel()] = 1.0 if (split_dim(name) is not None or mesh.tp_rank == 0) else 0.0
-                lr_w[off:off + p.numel()] = lr_scale(name)
-                off += p.numel()
-            S = padded // dp
-            own = slice(r * S, (r + 1) * S)
-            self.flat.append(flat)
-            self.sizes.append(numel)
-            self.master.append(flat[own].float().clone())
-            self.m.append(torch.zeros(S, device=flat.device))
-            self.v.append(torch.zeros(S, device=flat.device))
-            self.grad.append(torch.zeros(S, device=flat.device))
-            self.norm_w.append(w[own].to(flat.device))
-            self.lr_w.append(None if bool((lr_w == 1).all()) else lr_w[own].to(flat.device))
-
-    def shard_slice(self, i):
-        S = self.flat[i].numel() // self.mesh.dp
-        return slice(self.mesh.dp_rank * S, (self.mesh.dp_rank + 1) * S)
-
-    def take_flat_grad(self, i):
-        """Bucket i's gradients as one fp32 vector (zeros where a parameter got none); frees them."""
-        full = torch.zeros_like(self.flat[i], dtype=torch.float32)
-        off = 0
-        for _, p in self.buckets[i]:
-            if p.grad is not None:
-                full[off:off + p.numel()] = p.grad.flatten()
-                p.grad = None
-            off += p.numel()
-        return full
-
-    def reduce_gradients(self):
-        """Sum this micro-batch's gradients over DP into the local shard; free the full gradients."""
-        for i in range(len(self.buckets)):
-            full = self.take_flat_grad(i)
-            if self.mesh.dp_group is None:
-                self.grad[i] += full
-            else:
-                part = torch.empty_like(self.grad[i])
-                dist.reduce_scatter_single(part, full, group=self.mesh.dp_group)
-                self.grad[i] += part
-
-    @torch.no_grad()
-    def step(self, lr, clip):
-        sumsq = torch.zeros((), dtype=torch.float64)
-        for g, w in zip(self.grad, self.norm_w):
-            sumsq += (w * g.double() ** 2).sum().cpu()
-        norm = all_reduce(sumsq, world_group(self.mesh)).sqrt().item()
-        scale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
-        self.step_count += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.step_count, 1 - b2 ** self.step_count
-        for i in range(len(self.buckets)):
-            g = self.grad[i] * scale
-            self.m[i].mul_(b1).add_(g, alpha=1 - b1)
-            self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
-            if self.wd:
-                self.master[i].mul_(1 - lr * self.wd)
-            update = (self.m[i] / c1).div_((self.v[i] / c2).sqrt_().add_(self.eps))
-            self.master[i].add_(update if self.lr_w[i] is None else update.mul_(self.lr_w[i]), alpha=-lr)
-            self.grad[i].zero_()
-            own = self.shard_slice(i)
-            self.flat[i][own] = self.master[i].to(self.flat[i].dtype)
-            if self.mesh.dp_group is not None:
-                shard_copy = self.flat[i][own].clone()
-                dist.all_gather_single(self.flat[i], shard_copy, group=self.mesh.dp_group)
-        return norm
-
-    def state_bytes(self) -> int:
-        """Per-rank bytes of gradient shard + fp32 master + AdamW moments."""
-        return sum(4 * (g.numel() + ms.numel() + m.numel() + v.numel())
-                   for g, ms, m, v in zip(self.grad, self.master, self.m, self.v))
-
-    def state_dict(self) -> dict:
-        return {"step": self.step_count, "dp": self.mesh.dp, "sizes": self.sizes,
-                "names": [[n for n, _ in b] for b in self.buckets],
-                "master": self.master, "m": self.m, "v": self.v}
-
-    def load_shards(self, shards: list[dict]):
-        """Load the shards of all old DP ranks (same TP rank), whatever the old DP size was."""
-        if [[n for n, _ in b] for b in self.buckets] != shards[0]["names"] or shards[0]["sizes"] != self.sizes:
-            raise CheckpointError("optimizer state does not match the model's trainable parameters")
-        self.step_count = shards[0]["step"]
-        for key, dst in (("master", self.master), ("m", self.m), ("v", self.v)):
-            for i in range(len(self.buckets)):
-                full = torch.cat([s[key][i] for s in shards])[: self.sizes[i]]
-                full = torch.nn.functional.pad(full, (0, self.flat[i].numel() - self.sizes[i]))
-                dst[i].copy_(full[self.shard_slice(i)])
-        for i in range(len(self.buckets)):
-            self.flat[i][self.shard_slice(i)] = self.master[i].to(self.flat[i].dtype)
-            if self.mesh.dp_group is not None:
-                shard_copy = self.flat[i][self.shard_slice(i)].clone()
-                dist.all_gather_single(self.flat[i], shard_copy, group=self.mesh.dp_group)
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
@@ -713,21 +525,19 @@ def _train(args, mesh) -> dict:
                 _, loss = model(b["tokens"].to(dev), b["images"], b["targets"].to(dev), loss_sum=True, loss_only=True)
                 total = loss / max(n_targets, 1)
                 if is_moe:
-                    # Averaged over layers, micro-batches and DP ranks; /tp because the router's gradient
-                    # (partial under TP) is summed over the TP ranks below.
+                    # Averaged over layers, micro-batches and DP ranks; /tp: the router's gradient is
+                    # summed over TP (parallel.partial_grad).
                     total = total + args.aux_weight * total_aux_loss(model) / (accum * mesh.dp * mesh.tp)
                 total.backward()
                 return loss.detach()
             if flops_per_token is None:
                 # FLOPs per position, counted once on a throw-away pass (a dispatch mode may change
                 # kernels, so the real steps never run under it: resumed runs stay bit-identical).
-                flops_per_token = count_flops(fwd_bwd) / max(b["n_tokens"], 1)
+                with opt.hooks_paused():
+                    flops_per_token = count_flops(fwd_bwd) / max(b["n_tokens"], 1)
                 model.zero_grad(set_to_none=True)
-            loss = fwd_bwd()
+            loss = fwd_bwd()                    # ZeRO-2 reduce-scatters each bucket as backward completes it
             loss_sum += loss
-            if is_moe and mesh.tp_group is not None:
-                for m in moe_layers(model):
-                    all_reduce(m.gate.weight.grad, mesh.tp_group)
             opt.reduce_gradients()
             tok_count += b["n_tokens"] * mesh.dp
         gnorm = opt.step(lr, args.grad_clip)

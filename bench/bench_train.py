@@ -18,33 +18,35 @@ import torch.multiprocessing as mp
 
 import model as M
 import train as T
+from parallel import Mesh, setup_mesh
+from zero import ZeRO2
 
 
-class AllReduceAdamW(T.ZeRO2):
+class AllReduceAdamW(ZeRO2):
     """The baseline: every DP rank all-reduces the full gradients and keeps the full optimizer state."""
 
     def __init__(self, named_params, mesh, lr, **kw):
         self.group = mesh.dp_group
-        solo = T.Mesh(mesh.rank, mesh.world, 0, 1, mesh.tp_rank, mesh.tp)      # no sharding
+        solo = Mesh(mesh.rank, mesh.world, 0, 1, mesh.tp_rank, mesh.tp)      # no sharding
         super().__init__(named_params, solo, lr, **kw)
 
-    def reduce_gradients(self):
-        for i in range(len(self.buckets)):
-            full = self.take_flat_grad(i)
-            dist.all_reduce(full, group=self.group)
-            self.grad[i] += full
+    def _launch(self, i):
+        full = self.take_flat_grad(i)
+        dist.all_reduce(full, group=self.group)
+        self.grad[i] += full
+        self._hold(-full.numel())
 
 
 def _dp_worker(rank, world, port, tok_path, steps, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     keep_freed_memory()
-    mesh = T.setup_mesh(1)
+    mesh = setup_mesh(1)
     args = T.parse_args(["--size", "tiny", "--tokenizer", tok_path, "--out", tempfile.mkdtemp()])
     cfg = M.sphinx_config("tiny")
     tok = T.get_tokenizer(args, mesh, cfg)
     res = {}
-    for name, cls in (("plain all-reduce", AllReduceAdamW), ("ZeRO-2", T.ZeRO2)):
+    for name, cls in (("plain all-reduce", AllReduceAdamW), ("ZeRO-2", ZeRO2)):
         model = T.build_model(args, mesh, cfg)
         opt = cls([(n, p) for n, p in model.named_parameters() if p.requires_grad], mesh, 1e-3)
         src = T.D.SampleSource([{"path": "synthetic", "ratio": 1}], 0, cfg.canvas)
@@ -77,11 +79,11 @@ def main():
         print(table([["tiny, 1 process, batch 16", f"{tps:,.0f}", f"{mfu:.0%}"]],
                     ["run", "tokens/s (image positions included)", "MFU (FLOPs counted by torch)"]))
         # 2. ZeRO-2 state per rank
-        model = T.build_model(T.parse_args(["--size", "tiny"]), T.Mesh(0, 1, 0, 1, 0, 1), M.sphinx_config("tiny"))
+        model = T.build_model(T.parse_args(["--size", "tiny"]), Mesh(0, 1, 0, 1, 0, 1), M.sphinx_config("tiny"))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         rows, base = [], None
         for dp in (1, 2, 4):
-            opt = T.ZeRO2(named, T.Mesh(0, dp, 0, dp, 0, 1), 1e-3)
+            opt = ZeRO2(named, Mesh(0, dp, 0, dp, 0, 1), 1e-3)
             b = opt.state_bytes()
             base = base or b
             rows.append([dp, f"{b / 2**20:.2f} MiB", f"{b / base:.3f}", f"{1 / dp:.3f}"])

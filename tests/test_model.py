@@ -328,8 +328,8 @@ def test_dynamic_ntk_rope_matches_transformers_past_the_trained_length(tmp_path)
     ref.save_pretrained(tmp_path)
     ours = M.load_hf(tmp_path).eval()
     assert (ours.cfg.rope_dynamic_factor, ours.cfg.rope_original_max, ours.cfg.max_seq_len) == (2.0, 16, 32)
-    for T in (12, 31):                                   # below (unchanged) and past the trained length
-        tokens = torch.randint(0, 320, (2, T), generator=torch.Generator().manual_seed(T))
+    for n in (12, 31):                                   # below (unchanged) and past the trained length
+        tokens = torch.randint(0, 320, (2, n), generator=torch.Generator().manual_seed(n))
         with torch.no_grad():
             torch.testing.assert_close(ours(tokens)[0], ref(tokens).logits, atol=1e-4, rtol=0)
     # Decoding with a KV cache crosses the threshold one token at a time, as transformers does.

@@ -1,5 +1,4 @@
 """moe.py: routing, the Triton grouped-GEMM kernel (interpreter) against a plain loop, Mixtral parity."""
-import json
 
 import pytest
 import torch

@@ -1,16 +1,14 @@
 """parallel.py's rules, directly: which tensors TP splits and how, and the vocab-parallel pieces on a
 2-process gloo group against their single-process equivalents."""
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import parallel as P
+from multiproc import free_port, spawn
 
 
 def test_split_rules_follow_megatron():
@@ -36,12 +34,6 @@ def test_shard_is_an_exact_partition_and_refuses_uneven_splits():
         P.shard("x.attention.wq.weight", full, 0, 4)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _vocab_worker(rank, port, seed, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -63,13 +55,7 @@ def _vocab_worker(rank, port, seed, out):
 
 def test_vocab_parallel_embedding_loss_and_gather_match_one_process(tmp_path):
     out = str(tmp_path / "r")
-    ctx = mp.start_processes(_vocab_worker, args=(_free_port(), 0, out), nprocs=2, start_method="spawn", join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2 processes did not finish within 120 s")
+    spawn(_vocab_worker, (free_port(), 0, out), 2, timeout=120)
     torch.manual_seed(0)
     V = 10
     weight, tokens = torch.randn(V, 6), torch.randint(0, V, (3, 5))

@@ -9,7 +9,7 @@ import model as M
 import pretrain as P
 import train as T
 from checkpoint import CheckpointError
-from tiling import photo_to_canvas, tile
+from tiling import tile
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """train.py with several gloo processes on the CPU: ZeRO-2 and TP against one process, resume, checkpoints."""
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -11,6 +10,8 @@ from safetensors.torch import load_file
 
 import data as D
 import train as T
+from multiproc import free_port, spawn
+from parallel import Mesh
 
 COMMON = ["--size", "tiny", "--batch", "4", "--micro-batch", "2", "--max-len", "320", "--eval-per-task", "0", "--from-scratch",
           "--log-every", "1", "--lr", "2e-3", "--projector-lr", "2e-3", "--seed", "3"]
@@ -21,12 +22,6 @@ def tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     D.train_tokenizer(T.tokenizer_corpus(0, 128, n=300), 2048, path)
     return str(path)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, argv, result_path):
@@ -40,17 +35,6 @@ def _worker(rank, world, port, argv, result_path):
     torch.distributed.destroy_process_group()
 
 
-def spawn(fn, args, world, timeout=240):
-    """Run fn(rank, *args) on `world` spawned processes; a hang fails the test instead of stalling CI."""
-    ctx = mp.start_processes(fn, args=args, nprocs=world, start_method="spawn", join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} processes did not finish within {timeout} s (a collective hang?)")
-
-
 def run(world, argv, tmp_path, name):
     """Run train() on `world` processes; returns per-rank results and the consolidated final weights."""
     out = tmp_path / name
@@ -60,7 +44,7 @@ def run(world, argv, tmp_path, name):
         res = T.train(T.parse_args(argv))
         infos = [{"losses": res["losses"], "state_bytes": res["opt"].state_bytes()}]
     else:
-        spawn(_worker, (world, _free_port(), argv, str(result)), world)
+        spawn(_worker, (world, free_port(), argv, str(result)), world)
         infos = [json.loads(open(f"{result}.{r}").read()) for r in range(world)]
     return infos, load_file(str(out / "model.safetensors"))
 
@@ -248,44 +232,6 @@ def test_resume_refuses_changed_settings_and_trims_the_metrics(tokenizer, tmp_pa
     assert steps == [1, 2, 3, 4]                                     # step 3's stale line went with the resume
 
 
-def test_zero2_adamw_matches_torch_adamw():
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    mesh = T.Mesh(0, 1, 0, 1, 0, 1)
-    opt = T.ZeRO2([("a.weight", params[0]), ("b", params[1])], mesh, lr=1e-2, bucket_numel=16)
-    torch_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    assert len(opt.buckets) == 1 + 1
-    _step_both_and_compare(opt, torch_opt, params, ref, lr=1e-2)
-
-
-def _step_both_and_compare(opt, torch_opt, params, ref, lr, steps=4):
-    """The same random gradients into ZeRO-2 and torch's AdamW, then the same parameters."""
-    for _ in range(steps):
-        for p, r in zip(params, ref):
-            g = torch.randn_like(p)
-            p.grad, r.grad = g.clone(), g.clone()
-        opt.reduce_gradients()
-        opt.step(lr, clip=0)
-        torch_opt.step()
-    for p, r in zip(params, ref):
-        torch.testing.assert_close(p.detach(), r.detach(), atol=1e-6, rtol=0)
-
-
-def test_zero2_lr_scale_matches_torch_param_groups():
-    # The fresh parts' own lr (--projector-lr): one bucket holds parameters of both rates.
-    torch.manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(6))]
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    mesh = T.Mesh(0, 1, 0, 1, 0, 1)
-    opt = T.ZeRO2([("llm.w", params[0]), ("mov.proj.0.bias", params[1])], mesh, lr=1e-3,
-                  lr_scale=lambda n: 1.0 if n.startswith("llm.") else 10.0)
-    torch_opt = torch.optim.AdamW([{"params": [ref[0]], "lr": 1e-3}, {"params": [ref[1]], "lr": 1e-2}],
-                                  betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    assert len(opt.buckets) == 1
-    _step_both_and_compare(opt, torch_opt, params, ref, lr=1e-3)
-
-
 def test_lr_schedule_warmup_then_cosine_to_zero():
     lrs = [T.lr_at(s, 200, 1.0, 0.01) for s in range(200)]
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and max(lrs) == 1.0
@@ -304,7 +250,7 @@ def test_image_reliance_swaps_images_within_a_layout(tokenizer, monkeypatch):
     torch.manual_seed(0)
     model = T.M.build_sphinx(T.M.sphinx_config("tiny")).eval()
     tok = D.Tokenizer(tokenizer)
-    mesh = T.Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
+    mesh = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
     samples = D.eval_samples(0, 24, 128)
     own, other = T.image_reliance(model, tok, mesh, samples)
     assert abs(own - other) > 1e-4 and 0 < own < 20 and 0 < other < 20
@@ -359,7 +305,6 @@ def test_paper_start_from_pretrained_parts_with_epochs(tmp_path, monkeypatch, ca
     # Item: the paper's recipe starts from a pretrained HF LLM and the two pretrained encoders, with a
     # fresh projector; random toy parts written by transformers' save_pretrained stand in for them.
     import transformers
-    from dataclasses import replace
     import model as M
     import vision as V
     torch.manual_seed(0)
