@@ -21,12 +21,11 @@ import torch.utils.checkpoint
 from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_safetensors, load_state_strict,
                         map_name, read_safetensors_metadata, retie, safetensors_files, save_safetensors_atomic,
                         tie_pairs, unique_state_dict, verify_safetensors)
+from data import IGNORE_INDEX      # the targets' "no loss here" label (image, prompt and padding positions)
 from moe import MoEFeedForward
 from parallel import copy_to_tp, cross_entropy_sum, reduce_from_tp, vocab_parallel_embedding
 from tiling import ImageLayout, Tiles
 from vision import CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, ViTConfig, load_encoder
-
-IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------- config
@@ -713,15 +712,39 @@ def base_summary(path) -> dict:
 
 # ----------------------------------------------------------------------------- generation
 
+def prefill(llm: "Transformer", embeds) -> torch.Tensor:
+    """The whole prompt in one pass, filling the KV cache; the next token's full-vocab logits."""
+    from parallel import gather_vocab
+    logits, _ = llm(embeds=embeds, last_only=True)
+    return gather_vocab(logits[0, -1].float(), llm.tp_group)
+
+
+def decode_tokens(llm: "Transformer", logits, pos: int, max_new_tokens: int, step, pick, stop_ids=(), stop_text=None,
+           decode_text=None):
+    """One token at a time from the KV cache: pick(logits) -> the next id, step(token, pos) -> its logits.
+    Stops on a stop id, after max_new_tokens, or when the decoded text ends with stop_text."""
+    from parallel import gather_vocab
+    device, out = llm.norm.weight.device, []
+    for _ in range(max_new_tokens):
+        nxt = pick(logits)
+        if nxt in stop_ids:
+            return
+        out.append(nxt)
+        yield nxt
+        if len(out) == max_new_tokens or (stop_text and decode_text and decode_text(out).endswith(stop_text)):
+            return
+        logits = gather_vocab(step(torch.tensor([[nxt]], device=device), pos)[0, -1].float(), llm.tp_group)
+        pos += 1
+
+
 @torch.inference_mode()
 def generate(model, tokens: list[int], tiles: Tiles | None, max_new_tokens: int, stop_ids=(),
              stop_text=None, decode=None, temperature: float = 0.0, top_p: float = 1.0, generator=None,
              compile: bool = False):
-    """Prefill [BOS][image block][prompt] once, then decode one token at a time with the KV cache.
+    """Prefill [BOS][image block][prompt] once, then decode with the KV cache (gpt-fast's split).
     Yields token ids as they are produced. Stops on a stop id, or when the decoded text ends with
-    stop_text (the template's "\n###"). Under TP every rank runs this and gets the same tokens.
-    compile: run the one-token step through torch.compile (see `compiled_step`)."""
-    from parallel import gather_vocab
+    stop_text (the template's "\n###"; decode: ids -> text). Under TP every rank runs this and gets the
+    same tokens. compile: run the one-token step through torch.compile (see `compiled_step`)."""
     llm = model.llm if isinstance(model, Sphinx) else model          # a bare Transformer works too
     x = torch.tensor([tokens], device=llm.norm.weight.device)
     if isinstance(model, Sphinx):
@@ -736,21 +759,11 @@ def generate(model, tokens: list[int], tiles: Tiles | None, max_new_tokens: int,
     model.eval()
     # The cache is sized in buckets of 256 positions so that a compiled step sees few distinct shapes.
     llm.setup_cache(1, min(llm.cfg.max_seq_len, -(-total // 256) * 256))
-    step = compiled_step(llm) if compile else llm.decode_step
     try:
-        logits, _ = llm(embeds=embeds, last_only=True)
-        pos, out = embeds.shape[1], []
-        for _ in range(max_new_tokens):
-            logits = gather_vocab(logits[0, -1].float(), llm.tp_group)
-            nxt = sample_token(logits, temperature, top_p, generator)
-            if nxt in stop_ids:
-                return
-            out.append(nxt)
-            yield nxt
-            if len(out) == max_new_tokens or (stop_text and decode and decode(out).endswith(stop_text)):
-                return
-            logits = step(torch.tensor([[nxt]], device=x.device), pos)
-            pos += 1
+        yield from decode_tokens(llm, prefill(llm, embeds), embeds.shape[1], max_new_tokens,
+                          compiled_step(llm) if compile else llm.decode_step,
+                          lambda logits: sample_token(logits, temperature, top_p, generator),
+                          stop_ids, stop_text, decode)
     finally:
         llm.clear_cache()
         model.train(was_training)

@@ -23,7 +23,7 @@ import model as M
 import released as R
 from checkpoint import CheckpointError
 from moe import moe_layers, set_top_k
-from tiling import ImageError, canvas_to_photo, centered_to_photo, load_image
+from tiling import ImageError, canvas_to_photo, centered_to_photo, labelled_boxes, load_image
 
 
 def parse_args(argv=None):
@@ -127,11 +127,8 @@ def draw_answer(photo, text: str, canvas: int, path, centered: bool = False):
     img = photo.copy()
     draw = ImageDraw.Draw(img)
     width = max(1, round(max(img.size) / 200))
-    last = 0
-    for m in D.BOX_RE.finditer(text):
-        label = text[last:m.start()].strip(" ,.;:")[-30:]
-        last = m.end()
-        vals = [float(v) for v in m.groups() if v is not None]
+    for label, vals in labelled_boxes(text):
+        label = label[-30:]
         vals = centered_to_photo(vals, img.size) if centered else canvas_to_photo(vals, img.size, canvas)
         if len(vals) == 4:
             vals = [min(vals[0], vals[2]), min(vals[1], vals[3]), max(vals[0], vals[2]), max(vals[1], vals[3])]

@@ -12,6 +12,7 @@ reference's convention); helpers convert between photo pixels and canvas coordin
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,3 +201,26 @@ def centered_to_photo(xy, photo_size) -> list[float]:
 def format_box(xy) -> str:
     """[x1, y1, x2, y2] or [x, y] as the text the model reads and writes: 2 decimals."""
     return "[" + ", ".join(f"{min(max(v, 0.0), 1.0):.2f}" for v in xy) + "]"
+
+
+# A box [x1, y1, x2, y2] or a point [x, y] in the text, as format_box writes it (any decimals read).
+BOX_RE = re.compile(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)(?:\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?))?\s*\]")
+
+
+def _values(m: re.Match) -> list[float]:
+    return [float(v) for v in m.groups() if v is not None]
+
+
+def labelled_boxes(text: str) -> list[tuple[str, list[float]]]:
+    """'red circle [..], blue square [..]' -> [(phrase, box or point)]: each with the text between it and
+    the previous box, stripped of punctuation (the label the detection format puts before each box)."""
+    out, last = [], 0
+    for m in BOX_RE.finditer(text):
+        out.append((text[last:m.start()].strip(" ,.;:"), _values(m)))
+        last = m.end()
+    return out
+
+
+def map_boxes(text: str, fn) -> str:
+    """Every box or point of the text rewritten as format_box(fn(values))."""
+    return BOX_RE.sub(lambda m: format_box(fn(_values(m))), text)

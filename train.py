@@ -340,6 +340,8 @@ def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
     path = ckpt / "model.safetensors"
     if read_safetensors_metadata(path).get("format") != "sphinx-x":
         raise CheckpointError(f"{path}: not a sphinx-x checkpoint")
+    # Copied in place, not load_state_strict (which assigns new tensors): the trainable parameters are
+    # views into ZeRO-2's flat buckets, and replacing them would cut them loose from the optimizer.
     own = dict(model.named_parameters())
     with torch.no_grad():
         loaded = set()
@@ -492,6 +494,9 @@ def _train(args, mesh) -> dict:
         step, losses = load_checkpoint(args, mesh, model, opt, batcher)
         log(f"resumed from step {step}")
     is_moe = cfg.llm.n_experts > 0
+    # The load-balancing loss, averaged over layers, micro-batches and DP ranks; /tp: the router's
+    # gradient is summed over TP (parallel.partial_grad).
+    aux_scale = args.aux_weight / (accum * mesh.dp * mesh.tp) if is_moe else 0.0
     n_train = sum(p.numel() for _, p in trainable)
     log(f"SPHINX-X {args.size}: {n_train:,} trainable + {frozen:,} frozen parameters; DP {mesh.dp} x TP {mesh.tp}; "
         f"batch {args.batch} = {args.micro_batch} x {accum} accumulation x {mesh.dp} DP; at most "
@@ -521,23 +526,14 @@ def _train(args, mesh) -> dict:
             if not b["n_samples"]:              # all of this micro-batch skipped: only join the reduction
                 opt.reduce_gradients()
                 continue
-            def fwd_bwd():
-                _, loss = model(b["tokens"].to(dev), b["images"], b["targets"].to(dev), loss_sum=True, loss_only=True)
-                total = loss / max(n_targets, 1)
-                if is_moe:
-                    # Averaged over layers, micro-batches and DP ranks; /tp: the router's gradient is
-                    # summed over TP (parallel.partial_grad).
-                    total = total + args.aux_weight * total_aux_loss(model) / (accum * mesh.dp * mesh.tp)
-                total.backward()
-                return loss.detach()
+            fwd_bwd = lambda: micro_step(model, b, n_targets, aux_scale, dev)
             if flops_per_token is None:
                 # FLOPs per position, counted once on a throw-away pass (a dispatch mode may change
                 # kernels, so the real steps never run under it: resumed runs stay bit-identical).
                 with opt.hooks_paused():
                     flops_per_token = count_flops(fwd_bwd) / max(b["n_tokens"], 1)
                 model.zero_grad(set_to_none=True)
-            loss = fwd_bwd()                    # ZeRO-2 reduce-scatters each bucket as backward completes it
-            loss_sum += loss
+            loss_sum += fwd_bwd()               # ZeRO-2 reduce-scatters each bucket as backward completes it
             opt.reduce_gradients()
             tok_count += b["n_tokens"] * mesh.dp
         gnorm = opt.step(lr, args.grad_clip)
@@ -569,27 +565,46 @@ def _train(args, mesh) -> dict:
         log(skips.report())
     result = {"losses": losses, "mesh": mesh, "model": model, "opt": opt, "throughput": throughput}
     if args.eval_per_task:
-        if is_moe:
-            track_usage(model)
-        held_out = D.eval_per_task(args.seed, args.eval_per_task, cfg.canvas)
-        scores = evaluate(model, tok, mesh, held_out)
-        if mesh.is_main:
-            # The floor to beat: each question answered from synthetic training samples' text alone.
-            blind = D.text_only_baseline(
-                D.train_samples(args.seed, BASELINE_SAMPLES, cfg.canvas, args.tasks_per_image), held_out)
-            log(f"held-out evaluation (greedy; box tasks: every box at IoU >= 0.5; text-only baseline: each "
-                f"question's most common answer in {BASELINE_SAMPLES:,} training samples, image unseen):")
-            for task, (right, n) in scores.items():
-                if n:
-                    log(f"  {task:10s} {right / n:6.1%}  ({int(right)}/{int(n)}; text-only baseline "
-                        f"{blind[task][0] / n:.1%})")
-            result["text_only_baseline"] = blind
-        own, other = image_reliance(model, tok, mesh, held_out)
-        log(f"image reliance: held-out answer loss {own:.3f} with each sample's own image, {other:.3f} with "
-            f"another sample's image (ratio {own / max(other, 1e-9):.2f}; 1 means the answers ignore the image)")
-        if is_moe:
-            log("expert usage during evaluation:\n" + usage_report(model))
-        result["eval"], result["image_reliance"] = scores, (own, other)
+        result.update(final_report(args, mesh, model, tok, cfg.canvas, log))
+    return result
+
+
+def micro_step(model, b, n_targets: float, aux_scale: float, dev) -> torch.Tensor:
+    """Forward and backward of one micro-batch; its summed answer loss. The gradient is of the global
+    batch's mean answer loss (n_targets: the answer tokens of the whole global batch)."""
+    _, loss = model(b["tokens"].to(dev), b["images"], b["targets"].to(dev), loss_sum=True, loss_only=True)
+    total = loss / max(n_targets, 1)
+    if aux_scale:
+        total = total + aux_scale * total_aux_loss(model)
+    total.backward()
+    return loss.detach()
+
+
+def final_report(args, mesh, model, tok, canvas: int, log) -> dict:
+    """Held-out accuracy per task beside the text-only baseline, image reliance, expert usage."""
+    is_moe = model.cfg.llm.n_experts > 0
+    if is_moe:
+        track_usage(model)
+    held_out = D.eval_per_task(args.seed, args.eval_per_task, canvas)
+    scores = evaluate(model, tok, mesh, held_out)
+    result = {}
+    if mesh.is_main:
+        # The floor to beat: each question answered from synthetic training samples' text alone.
+        blind = D.text_only_baseline(
+            D.train_samples(args.seed, BASELINE_SAMPLES, canvas, args.tasks_per_image), held_out)
+        log(f"held-out evaluation (greedy; box tasks: every box at IoU >= 0.5; text-only baseline: each "
+            f"question's most common answer in {BASELINE_SAMPLES:,} training samples, image unseen):")
+        for task, (right, n) in scores.items():
+            if n:
+                log(f"  {task:10s} {right / n:6.1%}  ({int(right)}/{int(n)}; text-only baseline "
+                    f"{blind[task][0] / n:.1%})")
+        result["text_only_baseline"] = blind
+    own, other = image_reliance(model, tok, mesh, held_out)
+    log(f"image reliance: held-out answer loss {own:.3f} with each sample's own image, {other:.3f} with "
+        f"another sample's image (ratio {own / max(other, 1e-9):.2f}; 1 means the answers ignore the image)")
+    if is_moe:
+        log("expert usage during evaluation:\n" + usage_report(model))
+    result["eval"], result["image_reliance"] = scores, (own, other)
     return result
 
 
