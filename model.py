@@ -1,11 +1,12 @@
-"""The LLaMA-family decoder behind every SPHINX-X model, and its checkpoint loading.
+"""SPHINX-X: the LLaMA-family decoder, the Sphinx model around it, loading, and generation.
 
-Read top to bottom: config and named sizes, the decoder pieces in the order data
-flows through them (RMSNorm -> RoPE -> attention with a KV cache -> SwiGLU FFN ->
-block -> Transformer), then loading safetensors in the layouts users download
-(HF Llama / TinyLlama / LLaMA-2, InternLM2, Mixtral) and our own checkpoint format.
-Parameter names follow the LLaMA2-Accessory reference code (wq/wk/wv/wo, w1/w2/w3).
-"""
+Read top to bottom: config and named sizes, the decoder pieces in the order data flows through them
+(RMSNorm -> RoPE -> attention with a KV cache -> SwiGLU or MoE FFN -> block -> Transformer), loading
+safetensors in the layouts users download (HF Llama / TinyLlama / LLaMA-2, InternLM2, Mixtral), then
+`Sphinx` (paper Sec. 3.1: Mixture of Visual experts -> projector -> [BOS][image block][text], with
+image tags and a skip token per fully padded sub-image), its sizes, our checkpoint format, the tiny
+base and the pretrained parts it starts from, and generation (prefill, then decode with the cache).
+Parameter names follow the LLaMA2-Accessory reference code (wq/wk/wv/wo, w1/w2/w3)."""
 from __future__ import annotations
 
 import itertools

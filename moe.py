@@ -285,6 +285,12 @@ def set_top_k(model: nn.Module, k: int):
         m.top_k = k
 
 
+def prune_experts(model: nn.Module, keep):
+    """Keep only the experts in `keep` in every MoE layer (paper App. A.1.3: pruned experts at inference)."""
+    for m in moe_layers(model):
+        m.prune(keep)
+
+
 def track_usage(model: nn.Module, on: bool = True):
     for m in moe_layers(model):
         m.usage = torch.zeros(m.n_experts, dtype=torch.long) if on else None

@@ -4,8 +4,8 @@
 
 Bytes are counted from the model built on the meta device, with the rules train.py follows: TP splits the
 tensors parallel.split_dim names, ZeRO-2 keeps an fp32 gradient shard, fp32 master weights and two fp32
-AdamW moments per 1/DP of the trainable parameters, and (today) the full bf16 gradient of the local
-parameters until the backward ends. Activations follow Korthikanti et al. 2022 ("Reducing Activation
+AdamW moments per 1/DP of the trainable parameters, and while the backward runs the gradients of about
+two buckets plus the fp32 flat buffers of the reduce-scatters in flight (zero.py). Activations follow Korthikanti et al. 2022 ("Reducing Activation
 Recomputation in Large Transformer Models", Sec. 4), with flash attention (no s^2 term). Time is a roofline:
 FLOPs at the GPU's dense bf16 peak, plus the collectives' bytes at its link bandwidth, not overlapped.
 """
@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import model as M
 from parallel import split_dim
+from zero import MAX_IN_FLIGHT
 
 # NVIDIA H100 SXM5 datasheet: BF16 dense 989 TFLOP/s (1,979 with sparsity), HBM3 3.35 TB/s, NVLink 900 GB/s
 # total (450 GB/s each way), 80 GB.
@@ -34,13 +35,22 @@ def encoder_flops(cfg: M.SphinxConfig) -> int:
     return f.get_total_flops()
 
 
+def grads_held(trainable: int, largest: int, bucket_numel: int, weight_bytes: int) -> int:
+    """Bytes of full gradients ZeRO-2 holds at once during backward: the parameters' own gradients of
+    about two buckets (one filling while the previous one's last tensor lands; a tensor larger than a
+    bucket is a bucket), plus an fp32 flat buffer for the bucket being packed and each one in flight."""
+    bucket = min(max(bucket_numel, largest), trainable)
+    return min(2 * bucket, trainable) * weight_bytes + min((MAX_IN_FLIGHT + 1) * bucket, trainable) * 4
+
+
 def plan(cfg: M.SphinxConfig, dp: int = 1, tp: int = 1, micro_batch: int = 1, seq_len: int = 2048, accum: int = 1,
-         weight_bytes: int = 2, checkpointing: bool = False, gpu: str = "h100-sxm") -> dict:
+         weight_bytes: int = 2, checkpointing: bool = False, gpu: str = "h100-sxm", bucket_numel: int = 8 << 20) -> dict:
     with torch.device("meta"):
         model = M.Sphinx(cfg)
     model.mov.freeze_encoders()
     local = lambda n, p: p.numel() // (tp if split_dim(n) is not None else 1)
     trainable = sum(local(n, p) for n, p in model.named_parameters() if p.requires_grad)
+    largest = max(local(n, p) for n, p in model.named_parameters() if p.requires_grad)
     frozen = sum(local(n, p) for n, p in model.named_parameters() if not p.requires_grad)
     shard = -(-trainable // dp)                           # ZeRO-2 pads each bucket to a multiple of DP
     L, h, V = cfg.llm.n_layers, cfg.llm.dim, cfg.llm.vocab_size
@@ -48,7 +58,8 @@ def plan(cfg: M.SphinxConfig, dp: int = 1, tp: int = 1, micro_batch: int = 1, se
     per_layer = s * b * h * (10 + 24 / tp)                # bf16 activations of one block (flash attention)
     acts = (2 * s * b * h * L + per_layer) if checkpointing else per_layer * L
     acts += s * b * V / tp * 4                            # fp32 logits for the loss
-    out = {"weights": (trainable + frozen) * weight_bytes, "full_grads": trainable * weight_bytes,
+    out = {"weights": (trainable + frozen) * weight_bytes,
+           "grads_held": grads_held(trainable, largest, bucket_numel, weight_bytes),
            "zero2_state": shard * 16, "activations": acts}           # grad shard + master + m + v, fp32
     out["total"] = sum(out.values())
     # Time: 6 FLOPs per active LLM parameter per token (forward + backward), the encoders forward only.
@@ -76,10 +87,10 @@ def plan(cfg: M.SphinxConfig, dp: int = 1, tp: int = 1, micro_batch: int = 1, se
 
 def table(rows: list[tuple[str, dict]]) -> str:
     gib = lambda x: f"{x / 2**30:,.1f}"
-    lines = ["| size | DP x TP | weights | full grads | ZeRO-2 fp32 state | activations | total GiB | fits 80 GB | step s | MFU |",
+    lines = ["| size | DP x TP | weights | grads held | ZeRO-2 fp32 state | activations | total GiB | fits 80 GB | step s | MFU |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in rows:
-        lines.append(f"| {name} | {p['dp']} x {p['tp']} | {gib(p['weights'])} | {gib(p['full_grads'])} | "
+        lines.append(f"| {name} | {p['dp']} x {p['tp']} | {gib(p['weights'])} | {gib(p['grads_held'])} | "
                      f"{gib(p['zero2_state'])} | {gib(p['activations'])} | {gib(p['total'])} | "
                      f"{'yes' if p['fits'] else 'no'} | {p['step_s']:.2f} | {p['mfu']:.0%} |")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import data as D
 import model as M
 import released as R
 from checkpoint import CheckpointError
-from moe import moe_layers, set_top_k
+from moe import moe_layers, prune_experts, set_top_k
 from tiling import ImageError, canvas_to_photo, centered_to_photo, labelled_boxes, load_image
 
 
@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--experts", type=int, default=None, help="active experts per token (MoE)")
+    p.add_argument("--keep-experts", default=None, metavar="I,J,...",
+                   help="MoE: route only to these experts in every layer (paper App. A.1.3's pruning)")
     p.add_argument("--no-skip-tokens", action="store_true", help="encode fully padded sub-images too")
     p.add_argument("--chat", action="store_true", help="multi-turn conversation about the same image")
     p.add_argument("--compile", action="store_true",
@@ -89,10 +91,17 @@ def load(args):
             tok_path = args.tokenizer or ckpt.parent / "tokenizer.json"
     if not tok_path or not Path(tok_path).exists():
         raise CheckpointError(f"no tokenizer at {tok_path}; pass --tokenizer")
+    for flag, value in (("--experts", args.experts), ("--keep-experts", args.keep_experts)):
+        if value is not None and not moe_layers(model):
+            raise ValueError(f"{flag} applies to MoE sizes only")
     if args.experts is not None:
-        if not moe_layers(model):
-            raise ValueError("--experts applies to MoE sizes only")
         set_top_k(model, args.experts)
+    if args.keep_experts is not None:
+        try:
+            keep = [int(e) for e in args.keep_experts.split(",")]
+        except ValueError:
+            raise ValueError(f"--keep-experts {args.keep_experts!r}: expected expert numbers like 0,2,5") from None
+        prune_experts(model, keep)
     dtype = M.DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
     return model.to(args.device, dtype).eval(), D.Tokenizer(tok_path)
 

@@ -613,6 +613,7 @@ def main(argv=None):
     if args.plan:                                   # builds on the meta device only: allocates nothing
         import plan
         p = plan.plan(M.sphinx_config(args.size), args.plan_dp, args.tp, args.micro_batch, args.max_len,
+                      bucket_numel=int(args.bucket_mb * 2 ** 20 / 4),
                       weight_bytes=2 if args.dtype == "bf16" else 4, checkpointing=args.activation_checkpointing)
         print(plan.table([(args.size, p | {"dp": args.plan_dp, "tp": args.tp})]))
         return

@@ -123,6 +123,8 @@ def test_bad_input_is_one_line_and_nonzero(run_dir, tmp_path, capsys):
     assert code == 1 and "no checkpoint at" in err and "torchrun train.py --size tiny" in err
     code, _, err = _run(["hi", "--experts", "2"] + ck, capsys)
     assert code == 1 and "--experts applies to MoE sizes only" in err
+    code, _, err = _run(["hi", "--keep-experts", "0,1"] + ck, capsys)
+    assert code == 1 and "--keep-experts applies to MoE sizes only" in err
     # through the real command line: exit status and a single line, never a traceback
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), str(tmp_path / "notes.jpg"), "hi"] + ck,
                           capture_output=True, text=True, cwd=tmp_path)
@@ -209,3 +211,22 @@ def test_sample_cli_misuse_is_one_line(flags, message, capsys):
     with pytest.raises(SystemExit):
         S.parse_args(["hi"] + flags)
     assert message in capsys.readouterr().err
+
+
+def test_keep_experts_prunes_every_moe_layer(run_dir, tmp_path, capsys):
+    """--keep-experts (paper App. A.1.3): every layer routes only to the kept experts."""
+    torch.manual_seed(0)
+    model = M.build_sphinx(M.sphinx_config("tiny-moe"))
+    M.save_sphinx(tmp_path / "moe.safetensors", model)
+    shutil.copy(run_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    args = S.parse_args(["hi", "--ckpt", str(tmp_path / "moe.safetensors"), "--keep-experts", "1,3"])
+    pruned, _ = S.load(args)
+    from moe import moe_layers
+    layers = moe_layers(pruned)
+    assert layers and all(m.kept_experts.tolist() == [False, True, False, True] for m in layers)
+    with torch.no_grad():
+        _, _, top_idx = layers[0].route(torch.randn(50, pruned.cfg.llm.dim))
+    assert set(top_idx.flatten().tolist()) == {1, 3}
+    for bad, message in (("1,x", "expected expert numbers"), ("2", "need at least top_k=2 experts")):
+        code, _, err = _run(["hi", "--ckpt", str(tmp_path / "moe.safetensors"), "--keep-experts", bad], capsys)
+        assert code == 1 and message in err and err.count("\n") == 1, err

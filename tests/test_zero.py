@@ -8,6 +8,7 @@ import torch.distributed as dist
 import model as M
 from multiproc import free_port, spawn
 from parallel import Mesh
+from plan import grads_held
 from zero import MAX_IN_FLIGHT, ZeRO2
 
 def test_zero2_adamw_matches_torch_adamw():
@@ -106,6 +107,8 @@ def test_overlapped_reduce_scatter_equals_reducing_after_backward_and_holds_abou
     bound = 2 * max(BUCKET, hooks["largest"])
     assert hooks["live_peak"] <= bound < after["total"] / 3
     assert hooks["held_peak"] <= bound + MAX_IN_FLIGHT * max(BUCKET, hooks["largest"])
+    # plan.py's bound for the same model and bucket holds what the run held (fp32: 4 bytes both ways).
+    assert 4 * hooks["held_peak"] <= grads_held(hooks["total"], hooks["largest"], BUCKET, 4) < 4 * hooks["total"]
     # On rank 1 the first bucket in launch order never completes: nothing can go early (why the parameters
     # a batch may leave unused, the image tags and skip token, are built first and so launched last).
     assert r1[True]["live_peak"] == r1[True]["total"] - 8
