@@ -51,13 +51,19 @@ def safetensors_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def iter_safetensors(files):
-    """(name, tensor) pairs, one tensor in memory at a time."""
+def iter_safetensors(files, select=None):
+    """(name, tensor) pairs, one tensor in memory at a time. select(name, shape) -> (dim, start, stop)
+    reads only that slice of a tensor from the file (a TP rank's shard), None the whole tensor."""
     from safetensors import safe_open
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for name in sf.keys():
-                yield name, sf.get_tensor(name)
+                part = select(name, sf.get_slice(name).get_shape()) if select else None
+                if part is None:
+                    yield name, sf.get_tensor(name)
+                else:
+                    d, a, b = part
+                    yield name, sf.get_slice(name)[(slice(None),) * d + (slice(a, b),)]
 
 
 def tie_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -82,12 +88,13 @@ def retie(model: nn.Module, pairs):
 
 
 def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None, dtype=torch.float32,
-                      device="cpu", where: str = "checkpoint"):
+                      device="cpu", where: str = "checkpoint", shard=None):
     """Load (name, tensor) pairs into a model built on the meta device, checking every key and shape.
 
     rename(name) -> (our name, expert slot | None) or None for an unknown tensor; expand(our_name,
-    tensor) -> [(name, tensor), ...] for packed tensors. All problems are collected and raised at
-    once in a CheckpointError that names each tensor. Tied weights are expected once.
+    tensor) -> [(name, tensor), ...] for packed tensors. shard(our_name, tensor, expert_slot) cuts a full
+    tensor that does not fit to this TP rank's part (one not already read as a slice). All problems are
+    collected and raised at once in a CheckpointError that names each tensor. Tied weights are expected once.
     """
     expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
     tied = tied_names(model)
@@ -108,6 +115,12 @@ def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None,
                 continue
             shape = expected[name]
             want = shape[1:] if slot is not None else shape
+            if shard is not None and tuple(t.shape) != tuple(want):
+                try:
+                    cut = shard(name, t, slot is not None)
+                except ValueError:                        # does not split: reported below as it is
+                    cut = t
+                t = cut if tuple(cut.shape) == tuple(want) else t
             if slot is not None and not 0 <= slot < shape[0]:
                 misshaped.append(f"{src}: expert {slot} but the model has {shape[0]}")
             elif tuple(t.shape) != tuple(want):
@@ -147,7 +160,7 @@ def save_safetensors_atomic(path, tensors: dict, metadata: dict):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    metadata = {**metadata, "tensors_sha256": tensors_sha256(tensors.items())}
+    metadata = {**metadata, "tensors_sha256": tensors_sha256(sorted(tensors.items()))}
     try:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
@@ -159,20 +172,47 @@ def save_safetensors_atomic(path, tensors: dict, metadata: dict):
 
 
 def tensors_sha256(named) -> str:
-    """SHA-256 over (name, dtype, shape, bytes) of every tensor in name order: stored in a safetensors
-    file's metadata when we write it, checked when we load it (a file cannot hold its own file hash)."""
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor, given in name order: stored in a
+    safetensors file's metadata when we write it, checked when we load it (a file cannot hold its own
+    file hash). Streams: one tensor in memory at a time."""
     import hashlib
     h = hashlib.sha256()
-    for name, t in sorted(named, key=lambda kv: kv[0]):
+    for name, t in named:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def verify_safetensors(path):
-    """Refuse a file we wrote whose tensors changed since (files from elsewhere carry no digest)."""
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def verify_safetensors(path, chunk: int = 1 << 22):
+    """Refuse a file we wrote whose tensors changed since (files from elsewhere carry no digest). The
+    digest of tensors_sha256 is recomputed from the file's bytes in 4 MiB reads: no tensor is built and
+    no page of the file stays mapped, so verifying costs no memory, whatever the checkpoint's size."""
+    import hashlib
     want = read_safetensors_metadata(path).get("tensors_sha256")
-    if want and tensors_sha256(iter_safetensors([path])) != want:
+    if not want:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        start = 8 + n
+        for name in sorted(k for k in header if k != "__metadata__"):
+            e = header[name]
+            h.update(f"{name}|{_ST_DTYPES.get(e['dtype'], e['dtype'])}|{tuple(e['shape'])}|".encode())
+            f.seek(start + e["data_offsets"][0])
+            left = e["data_offsets"][1] - e["data_offsets"][0]
+            while left > 0:
+                block = f.read(min(chunk, left))
+                if not block:
+                    raise CheckpointError(f"{path}: truncated (tensor {name} runs past the end of the file)")
+                h.update(block)
+                left -= len(block)
+    if h.hexdigest() != want:
         raise CheckpointError(f"{path}: checksum mismatch, its tensors changed after it was saved (corrupt file?)")
 
 

@@ -24,7 +24,8 @@ from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_s
                         tie_pairs, unique_state_dict, verify_safetensors)
 from data import IGNORE_INDEX      # the targets' "no loss here" label (image, prompt and padding positions)
 from moe import MoEFeedForward
-from parallel import copy_to_tp, cross_entropy_sum, reduce_from_tp, vocab_parallel_embedding
+from parallel import (copy_to_tp, cross_entropy_sum, reduce_from_tp, shard, split_rows_and_gather, tp_slice,
+                      vocab_parallel_embedding)
 from tiling import ImageLayout, Tiles
 from vision import CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, ViTConfig, load_encoder
 
@@ -401,8 +402,28 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     return cfg, layout
 
 
-def load_hf(path, device="cpu", dtype=torch.float32) -> Transformer:
-    """A HF-format directory: config.json + model.safetensors (or sharded with an index)."""
+def tp_loading(tp_group, rename=None):
+    """(select, shard) for load_state_strict and iter_safetensors so that a TP rank materialises only its
+    shard: select reads just this rank's slice of a split tensor from a safetensors file (by our name,
+    after rename); shard cuts a tensor that had to be read whole (InternLM2's packed wqkv, .pth files)."""
+    if tp_group is None:
+        return None, None
+    rank, world = tp_group.rank(), tp_group.size()
+
+    def select(src, shape):
+        target = rename(src) if rename else (src, None)
+        if target is None or target[0].endswith(".wqkv"):      # unknown (reported later), or packed
+            return None
+        try:
+            return tp_slice(target[0], shape, rank, world, expert_slot=target[1] is not None)
+        except ValueError:                                      # does not split: reported as mis-shaped
+            return None
+    return select, lambda name, t, expert_slot: shard(name, t, rank, world, expert_slot)
+
+
+def load_hf(path, device="cpu", dtype=torch.float32, tp_group=None) -> Transformer:
+    """A HF-format directory: config.json + model.safetensors (or sharded with an index). tp_group:
+    build and read only this rank's TP shard."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json (expected a HF-format model directory)")
@@ -418,10 +439,12 @@ def load_hf(path, device="cpu", dtype=torch.float32) -> Transformer:
                             unpack_internlm2_wqkv(t, cfg)))
         return [(name, t)]
 
+    rename = lambda n: map_name(n, rules)
+    select, cut = tp_loading(tp_group, rename)
     with torch.device("meta"):
-        model = Transformer(cfg)
-    load_state_strict(model, iter_safetensors(safetensors_files(path)), lambda n: map_name(n, rules),
-                      expand, dtype, device, where=str(path))
+        model = Transformer(cfg, tp_group)
+    load_state_strict(model, iter_safetensors(safetensors_files(path), select), rename, expand, dtype, device,
+                      where=str(path), shard=cut)
     return model
 
 
@@ -528,10 +551,10 @@ class Sphinx(nn.Module):
         encoded = [None if t is None else layout.encoded(t.fully_padded) for t in images]
         if any(t is not None and t.reference for t in images):      # the released models' path
             canvases = torch.cat([t.views for t in images if t is not None]).to(dev, dt)
-            feats = self.mov.proj(self.mov.reference_tokens(canvases))
+            feats = self.mov.proj(split_rows_and_gather(self.mov.reference_tokens, canvases, self.llm.tp_group))
         else:
             views = [v for t, enc in zip(images, encoded) if t is not None for v, e in zip(t.views, enc) if e]
-            feats = self.mov(torch.stack(views).to(dev, dt)) if views else None
+            feats = self.mov(torch.stack(views).to(dev, dt), self.llm.tp_group) if views else None
         blocks, k = [], 0
         for enc in encoded:
             if enc is None:
@@ -611,15 +634,17 @@ def _tuples(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def load_sphinx(path, device="cpu", dtype=torch.float32, **overrides) -> Sphinx:
-    """Our checkpoint -> Sphinx. overrides (e.g. skip_tokens=False) replace config fields."""
+def load_sphinx(path, device="cpu", dtype=torch.float32, tp_group=None, **overrides) -> Sphinx:
+    """Our checkpoint -> Sphinx. overrides (e.g. skip_tokens=False) replace config fields. tp_group: build
+    and read only this rank's TP shard."""
     meta = read_safetensors_metadata(path)
     if meta.get("format") != "sphinx-x":
         raise CheckpointError(f"{path}: not a sphinx-x checkpoint (format {meta.get('format')!r})")
     cfg = replace(sphinx_config_from_json(_config_text(meta, path)), **overrides)
     verify_safetensors(path)
-    model = build_sphinx(cfg, init=False)
-    load_state_strict(model, iter_safetensors([path]), dtype=dtype, device=device, where=str(path))
+    model = build_sphinx(cfg, init=False, tp_group=tp_group)
+    select, cut = tp_loading(tp_group)
+    load_state_strict(model, iter_safetensors([path], select), dtype=dtype, device=device, where=str(path), shard=cut)
     model.mov.freeze_encoders()
     return model
 
@@ -673,15 +698,16 @@ FRESH_PARTS = ("mov.proj.", "begin_of_image", "end_of_image", "skip_token")   # 
 
 
 def load_parts(cfg: SphinxConfig, llm_dir, convnext_path, vit_path, projector=None, device="cpu",
-               dtype=torch.float32, **overrides) -> Sphinx:
+               dtype=torch.float32, tp_group=None, **overrides) -> Sphinx:
     """The paper's start (Sec. 3.2): a pretrained HF-format LLM and the two pretrained encoders (HF, timm
     or DINOv2 layouts), with a fresh projector, image tags and skip token, or, given `projector`, those
     read from that safetensors file (a tuned model shipped as parts). The LLM keeps its own config.json's
-    context length and RoPE settings; overrides (e.g. skip_tokens=False) replace config fields."""
-    llm = load_hf(llm_dir, device, dtype)
+    context length and RoPE settings; overrides (e.g. skip_tokens=False) replace config fields. tp_group:
+    only this rank's TP shard of the LLM is built and read (the rest is replicated)."""
+    llm = load_hf(llm_dir, device, dtype, tp_group)
     if not same_architecture(llm.cfg, cfg.llm):
         raise CheckpointError(f"{llm_dir}: its LLM ({llm.cfg}) is not this size's ({cfg.llm})")
-    model = build_sphinx(replace(cfg, llm=llm.cfg, **overrides), init=False)   # meta: nothing initialised twice
+    model = build_sphinx(replace(cfg, llm=llm.cfg, **overrides), init=False, tp_group=tp_group)  # meta: no init twice
     model.llm = llm
     load_encoder(model.mov.convnext, convnext_path, dtype, device)
     load_encoder(model.mov.vit, vit_path, dtype, device)

@@ -162,6 +162,24 @@ def cross_entropy_sum(logits, targets, ignore_index: int, group):
     return _VocabParallelCE.apply(logits, targets, ignore_index, group).sum()
 
 
+@torch.no_grad()
+def split_rows_and_gather(fn, x, group):
+    """fn over the rows of x with each TP rank taking a contiguous 1/tp of them, then all-gathered: the
+    frozen, replicated encoders share the views this way instead of each rank encoding all of them (the
+    reference splits whole images over its model-parallel ranks the same way). fn may return k rows per
+    input row. x is padded with zero rows to a multiple of tp (the padding's results are dropped); no
+    gradient crosses (the encoders are frozen)."""
+    if group is None:
+        return fn(x)
+    tp, rank, n = dist.get_world_size(group), dist.get_rank(group), x.shape[0]
+    per = -(-n // tp)
+    x = torch.cat([x, x.new_zeros(per * tp - n, *x.shape[1:])]) if per * tp > n else x
+    mine = fn(x[rank * per:(rank + 1) * per]).contiguous()
+    out = mine.new_empty(mine.shape[0] * tp, *mine.shape[1:])
+    dist.all_gather_into_tensor(out, mine, group=group)
+    return out[: n * (mine.shape[0] // per)]
+
+
 def gather_vocab(logits, group):
     """Full-vocab logits from shards (generation and evaluation only)."""
     if group is None:
@@ -192,13 +210,25 @@ def split_dim(name: str) -> int | None:
     return None
 
 
-def shard(name: str, full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+def tp_slice(name: str, shape, rank: int, world: int, expert_slot: bool = False):
+    """(dim, start, stop) of this rank's part of the full tensor `name`, or None if it is replicated.
+    expert_slot: the tensor is one expert's slice of a stacked parameter (no expert dim)."""
     d = split_dim(name)
     if d is None or world == 1:
+        return None
+    d -= expert_slot
+    if shape[d] % world:
+        raise ValueError(f"{name}: dim {d} of size {shape[d]} does not split over {world} TP ranks")
+    size = shape[d] // world
+    return d, rank * size, (rank + 1) * size
+
+
+def shard(name: str, full: torch.Tensor, rank: int, world: int, expert_slot: bool = False) -> torch.Tensor:
+    part = tp_slice(name, full.shape, rank, world, expert_slot)
+    if part is None:
         return full
-    if full.shape[d] % world:
-        raise ValueError(f"{name}: dim {d} of size {full.shape[d]} does not split over {world} TP ranks")
-    return full.chunk(world, dim=d)[rank].contiguous()
+    d, a, b = part
+    return full.narrow(d, a, b - a).contiguous()
 
 
 def unshard(name: str, local: torch.Tensor, group) -> torch.Tensor:

@@ -181,10 +181,12 @@ def to_our_names(named, cfg: M.ModelConfig):
             yield ((rules[prefix][0] + target[0], None) if target else None), name, t
 
 
-def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=torch.float32) -> M.Sphinx:
+def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=torch.float32,
+                  tp_group=None) -> M.Sphinx:
     """A released SPHINX-X directory -> our Sphinx computing as the reference does: its image path (photo
     centred on a 1024 canvas, see MoV.reference_tokens) and no skip tokens (never learnt).
-    cfg: the vision side (default: the paper's encoders); the LLM comes from config.json."""
+    cfg: the vision side (default: the paper's encoders); the LLM comes from config.json. tp_group: only
+    this rank's TP shard is kept (the memory-mapped shards are merged one tensor at a time)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (a released SPHINX-X model is a directory)")
@@ -195,11 +197,11 @@ def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=t
     llm = llm_config(_read_json(path / "config.json"))
     base = cfg or M.sphinx_config("sphinx-tiny")
     cfg = M.SphinxConfig(llm, base.convnext, base.vit, canvas=1024, grid=2, skip_tokens=False, image_path="reference")
-    model = M.build_sphinx(cfg, init=False)
+    model = M.build_sphinx(cfg, init=False, tp_group=tp_group)
     # The released models never learnt a skip token (they encode every sub-image); ours is unused.
     no_skip = [(("skip_token", None), "(no skip token)", torch.zeros(llm.dim))]
     _load_renamed(model, itertools.chain(to_our_names(merged_tensors(shard_files(path)), llm), no_skip),
-                  dtype=dtype, device=device, where=f"{path} ({llama_type})")
+                  dtype=dtype, device=device, where=f"{path} ({llama_type})", shard=M.tp_loading(tp_group)[1])
     model.mov.freeze_encoders()
     return model
 

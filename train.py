@@ -135,27 +135,26 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 # ----------------------------------------------------------------------------- model and tokenizer
 
 def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphinx:
-    """Every rank builds the same full model from the seed (a checkpoint, or the base with a fresh
-    projector), then keeps its TP shard."""
+    """Every rank builds the same model from the seed. Loaded from files (a checkpoint, a released
+    directory, pretrained parts), each rank builds on the meta device and reads only its TP shard; a CPU
+    size from its base (or from scratch) is built whole with its random fresh parts, then cut, so that
+    any TP computes what one process does."""
     torch.manual_seed(args.seed)
+    tp = mesh.tp_group
     if init_path and Path(init_path).is_dir():     # a released SPHINX-X directory
-        full = R.load_released(init_path, cfg)
-        if not M.same_architecture(full.cfg.llm, cfg.llm):
-            raise SystemExit(f"--init {init_path}: its LLM ({full.cfg.llm}) is not --size {args.size}'s ({cfg.llm})")
+        model = R.load_released(init_path, cfg, tp_group=tp)
+        if not M.same_architecture(model.cfg.llm, cfg.llm):
+            raise SystemExit(f"--init {init_path}: its LLM ({model.cfg.llm}) is not --size {args.size}'s ({cfg.llm})")
     elif init_path:
-        full = M.load_sphinx(init_path)
+        model = M.load_sphinx(init_path, tp_group=tp)
     elif args.llm:
-        full = M.load_parts(cfg, args.llm, args.convnext, args.dinov2)
-    elif args.base:
-        full = M.load_base(args.base, cfg)
+        model = M.load_parts(cfg, args.llm, args.convnext, args.dinov2, tp_group=tp)
     else:
-        full = M.build_sphinx(cfg)
-    if mesh.tp == 1:
-        model = full
-    else:
-        model = M.build_sphinx(full.cfg, init=False, tp_group=mesh.tp_group)
-        load_state_strict(model, ((n, shard(n, t, mesh.tp_rank, mesh.tp)) for n, t in M.unique_state_dict(full).items()))
-        model.mov.freeze_encoders()
+        model = M.load_base(args.base, cfg) if args.base else M.build_sphinx(cfg)
+        if tp is not None:
+            full, model = model, M.build_sphinx(model.cfg, init=False, tp_group=tp)
+            load_state_strict(model, ((n, shard(n, t, mesh.tp_rank, mesh.tp)) for n, t in M.unique_state_dict(full).items()))
+            model.mov.freeze_encoders()
     model.to(torch.device(args.device), M.DTYPES[args.dtype])
     model.llm.activation_checkpointing = args.activation_checkpointing
     return model.train()
@@ -345,8 +344,7 @@ def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
     own = dict(model.named_parameters())
     with torch.no_grad():
         loaded = set()
-        for n, t in iter_safetensors([path]):
-            t = shard(n, t, mesh.tp_rank, mesh.tp)
+        for n, t in iter_safetensors([path], M.tp_loading(mesh.tp_group)[0]):     # only this rank's slices
             if n in own:
                 if own[n].shape != t.shape:
                     raise CheckpointError(f"{path}: {n} has shape {tuple(t.shape)}, the model {tuple(own[n].shape)}")

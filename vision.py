@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from checkpoint import CheckpointError, compile_rules, iter_safetensors, load_state_strict, map_name, safetensors_files
+from parallel import split_rows_and_gather
 
 # CLIP normalisation for ConvNeXt (open_clip laion2b), ImageNet statistics for DINOv2, as each was trained.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -383,5 +384,7 @@ class MixtureOfVisualExperts(nn.Module):
     def encode_frozen(self, views):
         return torch.cat([self.convnext_tokens(views), self.vit_tokens(views)], dim=-1)
 
-    def forward(self, views):
-        return self.proj(self.encode_frozen(views))
+    def forward(self, views, tp_group=None):
+        """Under TP each rank encodes its share of the views and the features are all-gathered (as the
+        reference's model-parallel MoV does); the projector, replicated, then runs on all of them."""
+        return self.proj(split_rows_and_gather(self.encode_frozen, views, tp_group))

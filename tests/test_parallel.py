@@ -69,3 +69,30 @@ def test_vocab_parallel_embedding_loss_and_gather_match_one_process(tmp_path):
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got["grad"], logits.grad[:, r * 5:(r + 1) * 5], rtol=1e-6, atol=1e-6)
         assert torch.equal(got["gathered"], logits.detach())
+
+
+def _split_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 4)                       # 5 views over 2 ranks: 3 + 2 (and one padding row)
+    seen = []
+
+    def fn(rows):                                  # two output rows per input row, like 5 views per canvas
+        seen.append(rows.shape[0])
+        return torch.cat([rows.sin(), rows.cos()], dim=1).repeat_interleave(2, dim=0)
+    got = P.split_rows_and_gather(fn, x, dist.group.WORLD)
+    torch.save({"got": got, "seen": seen}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_split_rows_and_gather_encodes_a_share_per_rank_and_equals_one_process(tmp_path):
+    out = str(tmp_path / "s")
+    spawn(_split_worker, (free_port(), out), 2, timeout=120)
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 4)
+    want = torch.cat([x.sin(), x.cos()], dim=1).repeat_interleave(2, dim=0)
+    for r in range(2):
+        res = torch.load(f"{out}.{r}")
+        assert res["seen"] == [3]                  # each rank encodes ceil(5 / 2) views, not all 5
+        assert torch.equal(res["got"], want)
