@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import data as D
 import model as M
+from generate import generate
 from tiling import photo_to_canvas, tile
 
 RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, clip_steps=400, mim_steps=400, vis_batch=128,
@@ -153,7 +154,7 @@ def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20) -> dict
         *prev, (q, ref) = s.turns
         held = D.Sample(prev + [(q, None)], s.task, image=s.image, truth=s.truth)
         prompt = text_form(held, canvas)
-        ids = list(M.generate(llm, [tok.bos_id] + tok.encode(prompt), None, 48, stop_ids=(tok.eos_id,),
+        ids = list(generate(llm, [tok.bos_id] + tok.encode(prompt), None, 48, stop_ids=(tok.eos_id,),
                               stop_text="\n" + D.SEP, decode=tok.decode))
         got = tok.decode(ids).removesuffix("\n" + D.SEP).strip()
         r = scores.setdefault(s.task, [0, 0])

@@ -22,6 +22,7 @@ import data as D
 import model as M
 import released as R
 from checkpoint import CheckpointError
+from generate import generate
 from moe import moe_layers, prune_experts, set_top_k
 from tiling import ImageError, canvas_to_photo, centered_to_photo, labelled_boxes, load_image
 
@@ -112,7 +113,7 @@ def answer(model, tok, turns, tiles, args, out=sys.stdout) -> str:
     gen = torch.Generator().manual_seed(args.seed)
     stop = "\n" + D.SEP
     ids, shown = [], ""
-    for t in M.generate(model, tokens, tiles, args.max_new_tokens, stop_ids=(tok.eos_id,), stop_text=stop,
+    for t in generate(model, tokens, tiles, args.max_new_tokens, stop_ids=(tok.eos_id,), stop_text=stop,
                         decode=tok.decode, temperature=args.temperature, top_p=args.top_p, generator=gen,
                         compile=args.compile):
         ids.append(t)

@@ -27,6 +27,7 @@ import data as D
 import model as M
 import released as R
 from checkpoint import CheckpointError, file_sha256, iter_safetensors, load_state_strict, read_safetensors_metadata
+from generate import generate
 from moe import total_aux_loss, track_usage, usage_report
 from parallel import Mesh, all_reduce, setup_mesh, shard, unshard, world_group
 from zero import ZeRO2
@@ -380,7 +381,7 @@ def evaluate(model, tok, mesh, samples, max_new_tokens=48) -> dict:
         turns = s.turns[:-1] + [(s.turns[-1][0], None)]
         enc_tokens = D.prompt_tokens(tok, turns)
         tiles = layout.tile(s.image) if s.image is not None else None
-        ids = list(M.generate(model, enc_tokens, tiles, max_new_tokens, stop_ids=(tok.eos_id,),
+        ids = list(generate(model, enc_tokens, tiles, max_new_tokens, stop_ids=(tok.eos_id,),
                               stop_text="\n" + D.SEP, decode=tok.decode))
         answer = tok.decode(ids).removesuffix("\n" + D.SEP).strip()
         totals[s.task][0] += D.score(s.task, answer, s.turns[-1][1])

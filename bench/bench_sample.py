@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import model as M
+from generate import generate
 
 keep_freed_memory()
 PROMPT, NEW = 128, 64
@@ -37,7 +38,7 @@ for name, kw in SIZES.items():
                             pad_token_id=0)[0, PROMPT:].tolist()
 
     def mine(n, compile=False):
-        return list(M.generate(ours, prompt[0].tolist(), None, n, compile=compile))
+        return list(generate(ours, prompt[0].tolist(), None, n, compile=compile))
 
     t = time.perf_counter()
     with torch.no_grad():

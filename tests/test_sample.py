@@ -1,4 +1,4 @@
-"""sample.py: KV-cache generation against full forwards, drawing, component assembly, bad input."""
+"""sample.py: the CLI: streaming, drawing, component assembly, MoE options, bad input."""
 import io
 import shutil
 import subprocess
@@ -14,7 +14,6 @@ import data as D
 import model as M
 import sample as S
 from checkpoint import CheckpointError
-import tiling as T
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,36 +28,6 @@ def run_dir(tmp_path_factory):
     src = D.SampleSource([{"path": "synthetic", "ratio": 1}], 0, 128)
     D.train_tokenizer([D.prompt_text(src.next().turns) for _ in range(300)], 2048, d / "tokenizer.json")
     return d
-
-
-def test_greedy_generation_equals_full_forward_argmax(run_dir):
-    model = M.load_sphinx(run_dir / "model.safetensors").eval()
-    tiles = T.tile(Image.fromarray((np.random.default_rng(1).random((60, 150, 3)) * 255).astype(np.uint8)), 128, 2)
-    prompt = [1, 40, 41, 42, 43]
-    got = list(M.generate(model, prompt, tiles, 12))
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(12):
-            logits, _ = model(torch.tensor([seq]), [tiles])      # no cache: the whole sequence each time
-            seq.append(int(logits[0, -1].argmax()))
-    assert got == seq[len(prompt):]
-    text_only = list(M.generate(model, prompt, None, 6))
-    with torch.no_grad():
-        seq = list(prompt)
-        for _ in range(6):
-            seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
-    assert text_only == seq[len(prompt):]
-
-
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_decode_equals_eager(run_dir):
-    """--compile: the same tokens as the eager step, with the image, for answers in two cache buckets."""
-    model = M.load_sphinx(run_dir / "model.safetensors").eval()
-    tiles = T.tile(Image.fromarray((np.random.default_rng(2).random((90, 40, 3)) * 255).astype(np.uint8)), 128, 2)
-    prompt = [1, 50, 51, 52]
-    for n in (10, 200):                           # 10: a 256-position cache; 200: a 512-position one
-        assert list(M.generate(model, prompt, tiles, n, compile=True)) == list(M.generate(model, prompt, tiles, n))
 
 
 def test_draw_puts_boxes_at_expected_pixels(tmp_path):
