@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -62,6 +63,34 @@ class ModelConfig:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}      # the --dtype choices of train.py and sample.py
+
+
+def matmul_flops(dtype, n: int = 512, device="cpu") -> float:
+    """FLOP/s of an n^3 matmul in `dtype` here (best of 3, after a warm-up): a few ms."""
+    gen = torch.Generator().manual_seed(0)                # its own generator: the run's RNG is untouched
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def pick_dtype(choice: str, device="cpu", measure=matmul_flops) -> tuple[str, str]:
+    """--dtype auto|bf16|fp32 -> (bf16 or fp32, why). auto: bf16 on a GPU; on a CPU, bf16 where its
+    matmuls measure clearly faster (AVX-512-BF16 / AMX CPUs: ~4x fp32), fp32 otherwise (AVX2-only CPUs run
+    bf16 ~100x slower). Master weights, norms, router softmax and loss stay fp32 either way."""
+    if choice != "auto":
+        return choice, "as asked"
+    if torch.device(device).type == "cuda":
+        return "bf16", "a GPU"
+    f32, b16 = measure(torch.float32), measure(torch.bfloat16)
+    return ("bf16" if b16 > 1.5 * f32 else "fp32"), f"measured here: bf16 {b16 / 1e9:.0f} vs fp32 {f32 / 1e9:.0f} GFLOP/s"
 
 
 # The paper's LLMs (exact published configs) and small sizes that train on a CPU.

@@ -70,24 +70,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def pick_autocast(choice: str) -> bool:
-    """bf16 autocast if asked, or (auto) if a 1024^3 bf16 matmul is clearly faster than fp32 here:
-    AVX-512-BF16 CPUs run it ~4x faster, AVX2-only ones ~100x slower."""
-    if choice != "auto":
-        return choice == "bf16"
-
-    def best(dtype):
-        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-        a @ b
-        ts = []
-        for _ in range(3):
-            t = time.perf_counter()
-            a @ b
-            ts.append(time.perf_counter() - t)
-        return min(ts)
-    return best(torch.bfloat16) < 0.67 * best(torch.float32)
-
-
 def optimise(name: str, params, steps: int, lr: float, loss_at, batch: int, log, log_every: int,
              betas=(0.9, 0.999), weight_decay=0.0, clip=None) -> list[float]:
     """The loop every stage shares: AdamW, warm-up then cosine, loss_at(step) -> loss, a progress line."""
@@ -402,9 +384,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    autocast = pick_autocast(args.dtype)
-    log(f"tiny base for {args.size}: LLM stage in {'bf16 autocast' if autocast else 'fp32'}"
-        f"{' (measured faster on this CPU)' if args.dtype == 'auto' else ''}")
+    dtype, why = M.pick_dtype(args.dtype)
+    autocast = dtype == "bf16"
+    log(f"tiny base for {args.size}: LLM stage in {'bf16 autocast' if autocast else 'fp32'} ({why})")
 
     tok_path = out / "tokenizer.json"
     reuse = Path(args.reuse_llm) if args.reuse_llm else None

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on a GPU, on a CPU whichever its matmuls measure faster")
     p.add_argument("--experts", type=int, default=None, help="active experts per token (MoE)")
     p.add_argument("--keep-experts", default=None, metavar="I,J,...",
                    help="MoE: route only to these experts in every layer (paper App. A.1.3's pruning)")
@@ -103,8 +104,9 @@ def load(args):
         except ValueError:
             raise ValueError(f"--keep-experts {args.keep_experts!r}: expected expert numbers like 0,2,5") from None
         prune_experts(model, keep)
-    dtype = M.DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
-    return model.to(args.device, dtype).eval(), D.Tokenizer(tok_path)
+    dtype, why = M.pick_dtype(args.dtype, args.device)
+    print(f"({dtype}: {why})", file=sys.stderr)
+    return model.to(args.device, M.DTYPES[dtype]).eval(), D.Tokenizer(tok_path)
 
 
 def answer(model, tok, turns, tiles, args, out=sys.stdout) -> str:

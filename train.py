@@ -62,9 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                   help="weights and activations (default bf16 on GPU, fp32 on CPU); master weights and AdamW "
-                        "moments stay fp32")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="weights and activations; auto: bf16 on a GPU, on a CPU whichever its matmuls measure "
+                        "faster; master weights and AdamW moments stay fp32")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (the paper sizes); CPU sizes train one")
     p.add_argument("--init", default=None, help="a sphinx-x checkpoint to start from")
     p.add_argument("--base", default=None,
@@ -103,7 +103,6 @@ def parse_args(argv=None):
         p.error(f"--device must be cpu or cuda, not {args.device!r} (the rank picks its GPU from LOCAL_RANK)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this machine has no CUDA GPU")
-    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.size.startswith("tiny") and not (args.from_scratch or args.init or args.base):
         args.base = str(DEFAULT_BASE)
     if args.base and not Path(args.base).exists():
@@ -246,7 +245,7 @@ def save_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher, step: int
 
 # What a resume must keep for it to continue the same run (it refuses otherwise, naming them).
 RESUME_SETTINGS = ("size", "batch", "micro_batch", "steps", "lr", "projector_lr", "seed", "max_len", "data", "tp",
-                   "tasks_per_image", "warmup", "grad_clip", "aux_weight")
+                   "tasks_per_image", "warmup", "grad_clip", "aux_weight", "dtype")
 
 
 def run_settings(args) -> dict:
@@ -421,24 +420,6 @@ MAX_EMPTY_BATCHES = 10      # consecutive global batches with every sample skipp
 
 # ----------------------------------------------------------------------------- the loop
 
-def measured_peak_flops(device=torch.device("cpu"), dtype=torch.float32) -> float:
-    """The best of several 2048^3 matmuls in the run's device and dtype: MFU's denominator when no
-    --peak-tflops is given."""
-    n = 2048
-    gen = torch.Generator().manual_seed(0)           # its own generator: the run's RNG stream is untouched
-    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    best = float("inf")
-    for _ in range(6):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
 def count_flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
@@ -457,6 +438,10 @@ def train(args) -> dict:
     # Every rank learns the main rank's verdict, so a refused run ends everywhere instead of hanging.
     if all_reduce(torch.tensor(float(refusal is not None)), world_group(mesh)).item():
         raise SystemExit(refusal or f"{args.out}: refused by rank 0 (see its message)")
+    # --dtype auto: the main rank measures and every rank takes its choice (CPUs may differ between nodes).
+    dtype, args.dtype_why = M.pick_dtype(args.dtype, args.device) if mesh.is_main else ("fp32", "")
+    bf16 = all_reduce(torch.tensor(float(dtype == "bf16")), world_group(mesh)).item() > 0
+    args.dtype = "bf16" if bf16 else "fp32"
     try:
         return _train(args, mesh)
     finally:
@@ -501,8 +486,9 @@ def _train(args, mesh) -> dict:
         f"batch {args.batch} = {args.micro_batch} x {accum} accumulation x {mesh.dp} DP; at most "
         f"{args.batch * args.max_len:,} tokens/step (image blocks included); per rank: weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB, "
         f"grad + optimizer shards {opt.state_bytes() / 2**20:.0f} MiB; lr {args.lr:g}"
-        f"{f' (projector {args.projector_lr:g})' if args.projector_lr else ''}, {args.steps} steps")
-    peak = (args.peak_tflops or 0) * 1e12 or measured_peak_flops(dev, M.DTYPES[args.dtype])
+        f"{f' (projector {args.projector_lr:g})' if args.projector_lr else ''}, {args.steps} steps; "
+        f"{args.dtype} ({args.dtype_why})")
+    peak = (args.peak_tflops or 0) * 1e12 or M.matmul_flops(M.DTYPES[args.dtype], 2048, dev)
     metrics = open(args.out / "metrics.jsonl", "a") if mesh.is_main else None
     t0, tok_count, flops_per_token = time.perf_counter(), 0, None
     t_start, step0, throughput = t0, step, {}
@@ -613,7 +599,7 @@ def main(argv=None):
         import plan
         p = plan.plan(M.sphinx_config(args.size), args.plan_dp, args.tp, args.micro_batch, args.max_len,
                       bucket_numel=int(args.bucket_mb * 2 ** 20 / 4),
-                      weight_bytes=2 if args.dtype == "bf16" else 4, checkpointing=args.activation_checkpointing)
+                      weight_bytes=4 if args.dtype == "fp32" else 2, checkpointing=args.activation_checkpointing)
         print(plan.table([(args.size, p | {"dp": args.plan_dp, "tp": args.tp})]))
         return
     try:

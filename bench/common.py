@@ -40,8 +40,8 @@ def timeit(fn, warmup: int = 2, repeat: int = 5) -> float:
 def matmul_peak_flops(dtype=torch.float32) -> float:
     """FLOP/s of a 2048^3 matmul on the CPU: the peak MFU is measured against, the same statistic the
     training run's MFU uses."""
-    from train import measured_peak_flops
-    return measured_peak_flops(torch.device("cpu"), dtype)
+    from model import matmul_flops
+    return matmul_flops(dtype, 2048)
 
 
 def copy_bandwidth(nbytes: int = 512 * 2 ** 20) -> float:

@@ -452,3 +452,16 @@ def test_each_tp_rank_reads_only_its_shard(tmp_path):
             assert full.keys() == part.keys()
             for name in full:
                 assert torch.equal(part[name], P.shard(name, full[name], r, 2)), name
+
+
+def test_dtype_is_chosen_by_measurement_or_as_asked():
+    fast_bf16 = lambda dt: 900e9 if dt == torch.bfloat16 else 215e9          # an AVX-512-BF16 CPU
+    slow_bf16 = lambda dt: 1e9 if dt == torch.bfloat16 else 100e9            # an AVX2-only CPU
+    near = lambda dt: 130e9 if dt == torch.bfloat16 else 100e9               # not clearly faster
+    assert M.pick_dtype("auto", "cpu", fast_bf16) == ("bf16", "measured here: bf16 900 vs fp32 215 GFLOP/s")
+    assert M.pick_dtype("auto", "cpu", slow_bf16)[0] == "fp32"
+    assert M.pick_dtype("auto", "cpu", near)[0] == "fp32"
+    assert M.pick_dtype("fp32", "cpu", fast_bf16) == ("fp32", "as asked")
+    assert M.pick_dtype("bf16", "cpu", slow_bf16) == ("bf16", "as asked")
+    assert M.pick_dtype("auto", "cuda", slow_bf16) == ("bf16", "a GPU")
+    assert M.matmul_flops(torch.float32, 64) > 0

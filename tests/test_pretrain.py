@@ -130,11 +130,6 @@ def test_linear_probe_reads_labels_planted_in_features():
     assert box[0].tolist() == pytest.approx([0.0, 0.0, 0.3, 0.3]) and box[1].abs().sum() == 0
 
 
-def test_pick_autocast_honours_an_explicit_choice():
-    assert P.pick_autocast("bf16") is True and P.pick_autocast("fp32") is False
-    assert P.pick_autocast("auto") in (True, False)
-
-
 # ----------------------------------------------------------------------------- the shipped base
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,8 @@ def test_images_of_every_kind_work(run_dir, tmp_path, capsys):
     }
     for name, path in files.items():
         code, out, err = _run([path, "What is this?"] + ck, capsys)
-        assert code == 0 and err == "", (name, err)
+        dtype_line, rest = err.split("\n", 1)                     # the precision chosen, then nothing
+        assert code == 0 and dtype_line.startswith(("(fp32: ", "(bf16: ")) and rest == "", (name, err)
     code, out, err = _run(["What is 2 + 2?"] + ck, capsys)                # text only
     assert code == 0
 
@@ -157,7 +158,7 @@ def test_assemble_from_component_files(run_dir, tmp_path):
               str(tmp_path / "proj.safetensors"))
     args = S.parse_args(["hi", "--size", "tiny", "--llm", str(tmp_path / "llm"), "--convnext", str(tmp_path / "cnx"),
                          "--dinov2", str(tmp_path / "dino"), "--projector", str(tmp_path / "proj.safetensors"),
-                         "--tokenizer", str(run_dir / "tokenizer.json")])
+                         "--tokenizer", str(run_dir / "tokenizer.json"), "--dtype", "fp32"])
     model, _ = S.load(args)
     assert torch.equal(model.skip_token, ref.skip_token)
     assert torch.equal(model.mov.proj[0].weight, ref.mov.proj[0].weight)
@@ -188,8 +189,9 @@ def test_keep_experts_prunes_every_moe_layer(run_dir, tmp_path, capsys):
     model = M.build_sphinx(M.sphinx_config("tiny-moe"))
     M.save_sphinx(tmp_path / "moe.safetensors", model)
     shutil.copy(run_dir / "tokenizer.json", tmp_path / "tokenizer.json")
-    args = S.parse_args(["hi", "--ckpt", str(tmp_path / "moe.safetensors"), "--keep-experts", "1,3"])
+    args = S.parse_args(["hi", "--ckpt", str(tmp_path / "moe.safetensors"), "--keep-experts", "1,3", "--dtype", "fp32"])
     pruned, _ = S.load(args)
+    capsys.readouterr()
     from moe import moe_layers
     layers = moe_layers(pruned)
     assert layers and all(m.kept_experts.tolist() == [False, True, False, True] for m in layers)

@@ -14,7 +14,7 @@ from multiproc import free_port, spawn
 from parallel import Mesh
 
 COMMON = ["--size", "tiny", "--batch", "4", "--micro-batch", "2", "--max-len", "320", "--eval-per-task", "0", "--from-scratch",
-          "--log-every", "1", "--lr", "2e-3", "--projector-lr", "2e-3", "--seed", "3"]
+          "--log-every", "1", "--lr", "2e-3", "--projector-lr", "2e-3", "--seed", "3", "--dtype", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +326,7 @@ def test_paper_start_from_pretrained_parts_with_epochs(tmp_path, monkeypatch, ca
     rec = {"image": "img.png", "conversations": [{"from": "human", "value": "<image>Colour?"}, {"from": "gpt", "value": "Green."}]}
     (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps(rec) + "\n" + json.dumps(rec) + "\n")
     (tmp_path / "mix.json").write_text(json.dumps({"datasets": [{"path": "d.jsonl", "ratio": 1}]}))
-    argv = ["--size", "toy-paper", "--llm", str(tmp_path / "llm"), "--convnext", str(tmp_path / "convnext"),
+    argv = ["--size", "toy-paper", "--dtype", "fp32", "--llm", str(tmp_path / "llm"), "--convnext", str(tmp_path / "convnext"),
             "--dinov2", str(tmp_path / "dinov2"), "--tokenizer", str(tok), "--data", str(tmp_path / "mix.json"),
             "--batch", "2", "--micro-batch", "1", "--max-len", "320", "--epochs", "2", "--eval-per-task", "0",
             "--out", str(tmp_path / "run")]
