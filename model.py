@@ -678,6 +678,24 @@ def load_sphinx(path, device="cpu", dtype=torch.float32, tp_group=None, **overri
     return model
 
 
+def mix_weights(a: Sphinx, b: Sphinx, beta: float, parts=("llm.",)) -> Sphinx:
+    """SPHINX's weight mix (arXiv 2311.07575, its pre-training stage): theta = beta * a + (1 - beta) * b
+    over the tensors under `parts` (the LLM: one tuned on real-world data, one on synthetic data, from a shared
+    start), computed in fp32; every other tensor (encoders, projector, image tags) is a's. Returns a new
+    model; a and b are left as they are."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], not {beta}")
+    if a.cfg != b.cfg:
+        raise CheckpointError(f"the two models differ in configuration:\n  a {a.cfg}\n  b {b.cfg}")
+    sa, sb = unique_state_dict(a), unique_state_dict(b)
+    mixed = {n: ((beta * t.float() + (1 - beta) * sb[n].float()).to(t.dtype) if n.startswith(parts) else t.clone())
+             for n, t in sa.items()}
+    model = build_sphinx(a.cfg, init=False)
+    load_state_strict(model, mixed.items(), dtype=next(a.parameters()).dtype, where="mixed weights")
+    model.mov.freeze_encoders()
+    return model
+
+
 BASE_PARTS = ("llm.", "mov.convnext.", "mov.vit.")
 
 

@@ -42,7 +42,7 @@ def _dp_worker(rank, world, port, tok_path, steps, out):
     torch.set_num_threads(1)
     keep_freed_memory()
     mesh = setup_mesh(1)
-    args = T.parse_args(["--size", "tiny", "--tokenizer", tok_path, "--out", tempfile.mkdtemp()])
+    args = T.parse_args(["--size", "tiny", "--tokenizer", tok_path, "--out", tempfile.mkdtemp(), "--dtype", "fp32"])
     cfg = M.sphinx_config("tiny")
     tok = T.get_tokenizer(args, mesh, cfg)
     res = {}
@@ -70,16 +70,22 @@ def _dp_worker(rank, world, port, tok_path, steps, out):
 def main():
     keep_freed_memory()
     with tempfile.TemporaryDirectory() as d:
-        # 1. the tiny run's training step
-        peak = matmul_peak_flops()
-        r = T.train(T.parse_args(["--size", "tiny", "--out", d, "--steps", "12", "--log-every", "12",
-                                  "--eval-per-task", "0", "--from-scratch", "--peak-tflops", str(peak / 1e12)]))
-        tps, mfu = r["throughput"]["tokens_per_s"], r["throughput"]["mfu"]
-        print(f"tiny training step: {machine()}; fp32 matmul peak (2048^3) {peak / 1e9:.0f} GFLOP/s")
-        print(table([["tiny, 1 process, batch 16", f"{tps:,.0f}", f"{mfu:.0%}"]],
-                    ["run", "tokens/s (image positions included)", "MFU (FLOPs counted by torch)"]))
+        # 1. the tiny run's training step, in fp32 and in bf16 (MFU against that dtype's own matmul peak)
+        rows, base = [], None
+        for dtype in ("fp32", "bf16"):
+            peak = matmul_peak_flops(M.DTYPES[dtype])
+            r = T.train(T.parse_args(["--size", "tiny", "--out", f"{d}/{dtype}", "--steps", "12", "--log-every", "12",
+                                      "--eval-per-task", "0", "--from-scratch", "--dtype", dtype,
+                                      "--peak-tflops", str(peak / 1e12)]))
+            tps, mfu = r["throughput"]["tokens_per_s"], r["throughput"]["mfu"]
+            base = base or tps
+            rows.append([f"tiny, 1 process, batch 16, {dtype}", f"{tps:,.0f}", f"{tps / base:.2f}x",
+                         f"{mfu:.0%} of {peak / 1e9:.0f} GFLOP/s"])
+        print(f"tiny training step: {machine()}")
+        print(table(rows, ["run", "tokens/s (image positions included)", "vs fp32", "MFU (FLOPs counted by torch)"]))
         # 2. ZeRO-2 state per rank
-        model = T.build_model(T.parse_args(["--size", "tiny"]), Mesh(0, 1, 0, 1, 0, 1), M.sphinx_config("tiny"))
+        model = T.build_model(T.parse_args(["--size", "tiny", "--dtype", "fp32"]), Mesh(0, 1, 0, 1, 0, 1),
+                              M.sphinx_config("tiny"))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         rows, base = [], None
         for dp in (1, 2, 4):

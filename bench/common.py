@@ -58,5 +58,21 @@ def table(rows, header):
     return "\n".join(out)
 
 
+def cpu_name_and_flags() -> str:
+    """The CPU model and the flags that decide its matmul speed (Linux /proc/cpuinfo)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "CPU unknown"
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "CPU")
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
+    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(have) or 'no avx2'})"
+
+
 def machine() -> str:
-    return f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    """What every table header names: CPU, flags, cores, torch, and its fp32 and bf16 matmul peaks."""
+    from model import matmul_flops
+    f32, b16 = (matmul_flops(dt, 1024) / 1e9 for dt in (torch.float32, torch.bfloat16))
+    return (f"{cpu_name_and_flags()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; 1024^3 matmul fp32 {f32:.0f} / bf16 {b16:.0f} GFLOP/s")
