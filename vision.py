@@ -46,6 +46,13 @@ class ViTConfig:
     # How the position grid is resized: "size" (to the exact grid, as transformers) or "dinov2" (the
     # original code: a scale factor of (grid + 0.1) / pos_grid, which samples slightly differently).
     pos_interp: str = "size"
+    # DINOv2 (the defaults) vs CLIP's ViT: CLIP has no layer scale, no bias on the patch projection, a
+    # LayerNorm before the blocks (ln_pre), QuickGELU, and no mask token.
+    act: str = "gelu"
+    layer_scale: bool = True
+    patch_bias: bool = True
+    pre_norm: bool = False
+    mask_token: bool = True
 
     @property
     def hidden(self) -> int:
@@ -57,7 +64,10 @@ class ViTConfig:
 # convnext_xxlarge) and torch.hub's DINOv2 (its own position interpolation).
 CONVNEXT_CONFIGS = {"convnext-xxlarge": ConvNeXtConfig(eps=1e-5),
                     "tiny": ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), input_size=128)}
+# The original SPHINX's CLIP ViT-L/14 (OpenAI weights; SPHINX-MoE-1k keeps it): 224 px -> 16x16 + cls.
+CLIP_VIT = dict(ffn="mlp", act="quick_gelu", layer_scale=False, patch_bias=False, pre_norm=True, mask_token=False)
 VIT_CONFIGS = {"dinov2-vitg14": ViTConfig(pos_interp="dinov2"),
+               "clip-vitl14": ViTConfig(dim=1024, depth=24, heads=16, patch=14, pos_grid=16, eps=1e-5, **CLIP_VIT),
                "tiny": ViTConfig(dim=128, depth=2, heads=4, patch=16, pos_grid=4, ffn="mlp")}
 
 
@@ -112,7 +122,11 @@ class ConvNeXt(nn.Module):
         return self.head_norm(self.forward_features(x))
 
 
-# ----------------------------------------------------------------------------- DINOv2 ViT
+# ----------------------------------------------------------------------------- DINOv2 (and CLIP) ViT
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)          # OpenAI CLIP's GELU approximation, which its weights expect
+
 
 class ViTBlock(nn.Module):
     def __init__(self, cfg: ViTConfig):
@@ -121,38 +135,45 @@ class ViTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
-        self.ls1 = nn.Parameter(torch.ones(cfg.dim))
+        self.ls1 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layer_scale else None
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.swiglu = cfg.ffn == "swiglu"
         # SwiGLU: fc1 computes [gate | up] in one matmul (DINOv2's w12), fc2 is w3.
         self.fc1 = nn.Linear(cfg.dim, (2 if self.swiglu else 1) * cfg.hidden)
         self.fc2 = nn.Linear(cfg.hidden, cfg.dim)
-        self.ls2 = nn.Parameter(torch.ones(cfg.dim))
+        self.ls2 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layer_scale else None
+        self.act = quick_gelu if cfg.act == "quick_gelu" else F.gelu
 
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
-        x = x + self.ls1 * self.proj(a)
+        a = self.proj(a)
+        x = x + (a if self.ls1 is None else self.ls1 * a)
         h = self.fc1(self.norm2(x))
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
-        return x + self.ls2 * self.fc2(h)
+            h = self.act(h)
+        h = self.fc2(h)
+        return x + (h if self.ls2 is None else self.ls2 * h)
 
 
 class ViT(nn.Module):
-    """DINOv2: patch embedding, cls token, bicubically interpolated learned positions, blocks, final norm."""
+    """DINOv2: patch embedding, cls token, bicubically interpolated learned positions, blocks, final norm.
+    With CLIP's settings (CLIP_VIT), OpenAI's CLIP ViT: the same with ln_pre, QuickGELU, no layer scale;
+    its final norm (ln_post) applies to every token, as the reference's clip_encode_image does."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch, stride=cfg.patch)
+        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch, stride=cfg.patch, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, cfg.dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, cfg.dim))  # stands in for masked patches (pretrain.py)
+        # stands in for masked patches (pretrain.py's masked-image objective; DINOv2 checkpoints carry it)
+        self.mask_token = nn.Parameter(torch.zeros(1, cfg.dim)) if cfg.mask_token else None
+        self.norm_pre = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
 
@@ -176,6 +197,8 @@ class ViT(nn.Module):
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.positions(gh, gw)
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -220,7 +243,29 @@ VIT_LAYOUTS = {
                ("blocks.{i}.mlp.w12.{p}", "blocks.{i}.fc1.{p}"), ("blocks.{i}.mlp.w3.{p}", "blocks.{i}.fc2.{p}"),
                ("blocks.{i}.ls2.gamma", "blocks.{i}.ls2"), ("norm.{p}", "norm.{p}")],
 }
-_PREFIXES = ("visual.trunk.", "trunk.", "visual.", "model.")
+# CLIP's ViT: OpenAI / open_clip (the reference holds it as clip.visual.*) and transformers' CLIPVisionModel.
+CLIP_LAYOUTS = {
+    "openai": [("conv1.weight", "patch_embed.weight"), ("class_embedding", "cls_token"),
+               ("positional_embedding", "pos_embed"), ("ln_pre.{p}", "norm_pre.{p}"),
+               ("transformer.resblocks.{i}.ln_1.{p}", "blocks.{i}.norm1.{p}"),
+               ("transformer.resblocks.{i}.attn.in_proj_weight", "blocks.{i}.qkv.weight"),
+               ("transformer.resblocks.{i}.attn.in_proj_bias", "blocks.{i}.qkv.bias"),
+               ("transformer.resblocks.{i}.attn.out_proj.{p}", "blocks.{i}.proj.{p}"),
+               ("transformer.resblocks.{i}.ln_2.{p}", "blocks.{i}.norm2.{p}"),
+               ("transformer.resblocks.{i}.mlp.c_fc.{p}", "blocks.{i}.fc1.{p}"),
+               ("transformer.resblocks.{i}.mlp.c_proj.{p}", "blocks.{i}.fc2.{p}"), ("ln_post.{p}", "norm.{p}")],
+    "hf": [("embeddings.patch_embedding.weight", "patch_embed.weight"), ("embeddings.class_embedding", "cls_token"),
+           ("embeddings.position_embedding.weight", "pos_embed"), ("pre_layrnorm.{p}", "norm_pre.{p}"),
+           ("encoder.layers.{i}.layer_norm1.{p}", "blocks.{i}.norm1.{p}"),
+           ("encoder.layers.{i}.self_attn.qkv.{p}", "blocks.{i}.qkv.{p}"),     # merged from q/k/v_proj
+           ("encoder.layers.{i}.self_attn.out_proj.{p}", "blocks.{i}.proj.{p}"),
+           ("encoder.layers.{i}.layer_norm2.{p}", "blocks.{i}.norm2.{p}"),
+           ("encoder.layers.{i}.mlp.fc1.{p}", "blocks.{i}.fc1.{p}"), ("encoder.layers.{i}.mlp.fc2.{p}", "blocks.{i}.fc2.{p}"),
+           ("post_layernorm.{p}", "norm.{p}")],
+}
+# CLIP's projection into the joint text-image space: SPHINX reads the tokens before it, so it is not loaded.
+CLIP_UNUSED = ("proj", "visual_projection.weight")
+_PREFIXES = ("clip.visual.", "visual.trunk.", "trunk.", "visual.", "vision_model.", "model.")
 
 
 def _strip(name: str) -> str:
@@ -230,25 +275,25 @@ def _strip(name: str) -> str:
     return name
 
 
-def _merge_hf_qkv(named):
-    """HF Dinov2 stores query/key/value separately; DINOv2 and we use one qkv (rows q, k, v)."""
+def _merge_hf_qkv(named, tag=".attention.attention.{}.", merged=".attention.qkv.", which=("query", "key", "value")):
+    """transformers stores query/key/value separately (Dinov2: attention.attention.query; CLIP:
+    self_attn.q_proj); DINOv2, OpenAI CLIP and we use one qkv (rows q, k, v)."""
     parts = {}
     for name, t in named:
-        for which in ("query", "key", "value"):
-            tag = f".attention.attention.{which}."
-            if tag in name:
-                base, p = name.split(tag)
+        for w in which:
+            if tag.format(w) in name:
+                base, p = name.split(tag.format(w))
                 got = parts.setdefault((base, p), {})
-                got[which] = t
+                got[w] = t
                 if len(got) == 3:
-                    yield f"{base}.attention.qkv.{p}", torch.cat([got["query"], got["key"], got["value"]])
+                    yield f"{base}{merged}{p}", torch.cat([got[x] for x in which])
                     del parts[(base, p)]
                 break
         else:
             yield name, t
     for (base, p), got in parts.items():     # an incomplete triple: report what is there as unexpected
-        for which, t in got.items():
-            yield f"{base}.attention.attention.{which}.{p}", t
+        for w, t in got.items():
+            yield f"{base}{tag.format(w)}{p}", t
 
 
 def layout_rules(layout, reverse: bool = False):
@@ -271,20 +316,27 @@ def load_encoder(module: nn.Module, path, dtype=torch.float32, device="cpu") -> 
     with safe_open(str(files[0]), framework="pt") as f:
         first = [_strip(k) for k in f.keys()]
     is_vit = isinstance(module, ViT)
-    layouts = VIT_LAYOUTS if is_vit else CONVNEXT_LAYOUTS
+    is_clip = is_vit and module.cfg.pre_norm
+    layouts = CLIP_LAYOUTS if is_clip else VIT_LAYOUTS if is_vit else CONVNEXT_LAYOUTS
     if any(k.startswith(("embeddings.", "encoder.")) for k in first):
         layout = "hf"
     else:
-        layout = "dinov2" if is_vit else "timm"
+        layout = "openai" if is_clip else "dinov2" if is_vit else "timm"
     rules = layout_rules(layouts[layout])
 
     def rename(name):
         return map_name(name, rules)
 
-    named = ((_strip(n), t) for n, t in iter_safetensors(files))
+    def reshape(name, t):           # CLIP keeps its cls token (d,) and positions (T, d) without a batch dim
+        if name in ("cls_token", "pos_embed") and t.dim() < 3:
+            t = t.reshape(1, -1, t.shape[-1])
+        return [(name, t)]
+
+    named = ((_strip(n), t) for n, t in iter_safetensors(files) if not (is_clip and _strip(n) in CLIP_UNUSED))
     if is_vit and layout == "hf":
-        named = _merge_hf_qkv(named)
-    return load_state_strict(module, named, rename, dtype=dtype, device=device, where=f"{path} ({layout} layout)")
+        named = _merge_hf_qkv(named, *((".self_attn.{}_proj.", ".self_attn.qkv.", "qkv") if is_clip else ()))
+    return load_state_strict(module, named, rename, reshape if is_vit else None, dtype=dtype, device=device,
+                             where=f"{path} ({'clip-' if is_clip else ''}{layout} layout)")
 
 
 # ----------------------------------------------------------------------------- Mixture of Visual experts
@@ -327,7 +379,8 @@ class MixtureOfVisualExperts(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for p in (self.vit.cls_token, self.vit.pos_embed, self.vit.mask_token):
-            nn.init.normal_(p, std=std)
+            if p is not None:
+                nn.init.normal_(p, std=std)
         for name, p in self.named_parameters():     # layer scales at 1: random blocks must contribute
             if name.endswith(("gamma", "ls1", "ls2")):
                 nn.init.ones_(p)

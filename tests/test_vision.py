@@ -200,3 +200,61 @@ def test_reference_views_and_renormalisation():
     mov.reference_tokens(flat)
     want = (torch.tensor([0.2, 0.5, 0.9]) - torch.tensor(V.IMAGENET_MEAN)) / torch.tensor(V.IMAGENET_STD)
     torch.testing.assert_close(seen["vit"].mean((0, 2, 3)), want, atol=5e-3, rtol=0)
+
+
+# ----------------------------------------------------------------------------- CLIP ViT-L/14 (the original SPHINX's)
+
+CLIP_TOY = V.ViTConfig(dim=32, depth=2, heads=4, patch=14, pos_grid=4, mlp_ratio=2.0, eps=1e-5, **V.CLIP_VIT)
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+    torch.manual_seed(0)
+    ref = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+        patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)).eval()
+    _perturb(ref, 3)
+    path = tmp_path_factory.mktemp("clip")
+    ref.save_pretrained(path)
+    return ref, path
+
+
+def to_openai_clip(hf_path, out, prefix="clip.visual."):
+    """transformers' CLIPVisionModel names -> OpenAI CLIP's (as the reference holds them: clip.visual.*)."""
+    sd = {k.removeprefix("vision_model."): v for k, v in load_file(str(hf_path / "model.safetensors")).items()}
+    o = {"conv1.weight": sd["embeddings.patch_embedding.weight"], "class_embedding": sd["embeddings.class_embedding"],
+         "positional_embedding": sd["embeddings.position_embedding.weight"],
+         "proj": torch.randn(32, 16)}                      # CLIP's joint-space projection: not read
+    for p in ("weight", "bias"):
+        o[f"ln_pre.{p}"], o[f"ln_post.{p}"] = sd[f"pre_layrnorm.{p}"], sd[f"post_layernorm.{p}"]
+        for i in range(2):
+            src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+            o[f"{dst}attn.in_proj_{p}"] = torch.cat([sd[f"{src}self_attn.{w}_proj.{p}"] for w in "qkv"])
+            for a, b in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
+                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                o[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
+    save_file({prefix + k: v.contiguous() for k, v in o.items()}, str(out))
+
+
+def test_clip_vit_matches_hf_in_both_layouts(hf_clip, tmp_path):
+    # Every token after ln_post, as the reference's clip_encode_image (transformers applies its
+    # post_layernorm to the pooled cls only, so the oracle applies it here).
+    ref, path = hf_clip
+    ours = _load(V.ViT, CLIP_TOY, path)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        want = ref.post_layernorm(ref(x).last_hidden_state)
+        torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=0)
+    to_openai_clip(path, tmp_path / "openai.safetensors")
+    openai = _load(V.ViT, CLIP_TOY, tmp_path / "openai.safetensors")
+    with torch.no_grad():
+        assert torch.equal(openai(x), ours(x))
+
+
+def test_clip_vitl14_parameter_count_equals_transformers():
+    with torch.device("meta"):
+        ours = V.ViT(V.VIT_CONFIGS["clip-vitl14"])
+        ref = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+            patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == 303_179_776
