@@ -7,6 +7,7 @@ channels and projects them to the LLM width.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +54,12 @@ class ViTConfig:
     patch_bias: bool = True
     pre_norm: bool = False
     mask_token: bool = True
+    mlp_hidden: int = 0               # the MLP's width when it is not dim * mlp_ratio (BLIP-2's EVA ViT-g: 6144)
 
     @property
     def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
         h = int(self.dim * self.mlp_ratio)
         return (int(h * 2 / 3) + 7) // 8 * 8 if self.ffn == "swiglu" else h   # DINOv2's SwiGLU width
 
@@ -337,6 +341,134 @@ def load_encoder(module: nn.Module, path, dtype=torch.float32, device="cpu") -> 
         named = _merge_hf_qkv(named, *((".self_attn.{}_proj.", ".self_attn.qkv.", "qkv") if is_clip else ()))
     return load_state_strict(module, named, rename, reshape if is_vit else None, dtype=dtype, device=device,
                              where=f"{path} ({'clip-' if is_clip else ''}{layout} layout)")
+
+
+# ----------------------------------------------------------------------------- BLIP-2 Q-Former
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """BLIP-2's image side (the original SPHINX's fourth encoder): an EVA ViT-g (our ViT without layer scale
+    or ln_pre, GELU) whose final-norm tokens 32 learned queries read through a 12-layer BERT-style
+    Q-Former, cross-attending every other layer. Defaults: Salesforce/blip2-opt-2.7b, as the reference."""
+    vision: ViTConfig = ViTConfig(dim=1408, depth=39, heads=16, patch=14, pos_grid=16, ffn="mlp", mlp_hidden=6144,
+                                  layer_scale=False, mask_token=False)
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    hidden: int = 3072
+    queries: int = 32
+    cross_every: int = 2
+    eps: float = 1e-12
+
+
+class QFormerAttention(nn.Module):
+    """BERT attention with its post-norm residual: norm(dense(attend(x -> context)) + x)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(context_dim, dim), nn.Linear(context_dim, dim)
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x, context=None):
+        c = x if context is None else context
+        split = lambda t: t.view(*t.shape[:2], self.heads, -1).transpose(1, 2)
+        a = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(c)), split(self.value(c)))
+        return self.norm(self.dense(a.transpose(1, 2).flatten(2)) + x)
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, cfg: QFormerConfig, cross: bool):
+        super().__init__()
+        self.attn = QFormerAttention(cfg.dim, cfg.heads, cfg.dim, cfg.eps)
+        self.cross = QFormerAttention(cfg.dim, cfg.heads, cfg.vision.dim, cfg.eps) if cross else None
+        self.fc1, self.fc2 = nn.Linear(cfg.dim, cfg.hidden), nn.Linear(cfg.hidden, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+
+    def forward(self, x, image):
+        x = self.attn(x)
+        if self.cross is not None:
+            x = self.cross(x, image)
+        return self.norm(self.fc2(F.gelu(self.fc1(x))) + x)
+
+
+class QFormer(nn.Module):
+    """views (N, 3, 224, 224), CLIP-normalised -> (N, queries, dim): what the reference's
+    Blip2Model.get_qformer_features returns."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = ViT(cfg.vision)
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.queries, cfg.dim))
+        self.norm_in = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.layers = nn.ModuleList(QFormerLayer(cfg, i % cfg.cross_every == 0) for i in range(cfg.depth))
+
+    def forward(self, views):
+        image = self.vision(views)
+        x = self.norm_in(self.query_tokens.expand(len(views), -1, -1))
+        for layer in self.layers:
+            x = layer(x, image)
+        return x
+
+
+# transformers' Blip2Model names (the reference holds them under qformer.*). Older transformers kept the
+# vision attention's bias as q_bias and v_bias (no key bias); they are merged into qkv.bias when read.
+QFORMER_LAYOUT = [
+    ("query_tokens", "query_tokens"), ("vision_model.embeddings.class_embedding", "vision.cls_token"),
+    ("vision_model.embeddings.patch_embedding.{p}", "vision.patch_embed.{p}"),
+    ("vision_model.embeddings.position_embedding", "vision.pos_embed"),
+    ("vision_model.encoder.layers.{i}.self_attn.qkv.{p}", "vision.blocks.{i}.qkv.{p}"),
+    ("vision_model.encoder.layers.{i}.self_attn.projection.{p}", "vision.blocks.{i}.proj.{p}"),
+    ("vision_model.encoder.layers.{i}.layer_norm1.{p}", "vision.blocks.{i}.norm1.{p}"),
+    ("vision_model.encoder.layers.{i}.layer_norm2.{p}", "vision.blocks.{i}.norm2.{p}"),
+    ("vision_model.encoder.layers.{i}.mlp.fc1.{p}", "vision.blocks.{i}.fc1.{p}"),
+    ("vision_model.encoder.layers.{i}.mlp.fc2.{p}", "vision.blocks.{i}.fc2.{p}"),
+    ("vision_model.post_layernorm.{p}", "vision.norm.{p}"), ("qformer.layernorm.{p}", "norm_in.{p}"),
+    ("qformer.encoder.layer.{i}.intermediate_query.dense.{p}", "layers.{i}.fc1.{p}"),
+    ("qformer.encoder.layer.{i}.output_query.dense.{p}", "layers.{i}.fc2.{p}"),
+    ("qformer.encoder.layer.{i}.output_query.LayerNorm.{p}", "layers.{i}.norm.{p}"),
+] + [(f"qformer.encoder.layer.{{i}}.{src}.{a}.{{p}}", f"layers.{{i}}.{dst}.{b}.{{p}}")
+     for src, dst in (("attention", "attn"), ("crossattention", "cross"))
+     for a, b in (("attention.query", "query"), ("attention.key", "key"), ("attention.value", "value"),
+                  ("output.dense", "dense"), ("output.LayerNorm", "norm"))]
+# The language side of a whole Blip2Model, and the Q-Former's text-only feed-forward: not used for images.
+QFORMER_UNUSED = re.compile(r"^(language_model\.|language_projection\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)")
+
+
+def _merge_q_v_bias(named):
+    """Older Blip2 files: self_attn.q_bias and v_bias -> one qkv.bias with a zero key part."""
+    held = {}
+    for name, t in named:
+        if name.endswith((".self_attn.q_bias", ".self_attn.v_bias")):
+            base = name.rsplit(".", 1)[0]
+            got = held.setdefault(base, {})
+            got[name[-6]] = t                                   # "q" or "v"
+            if len(got) == 2:
+                del held[base]
+                yield f"{base}.qkv.bias", torch.cat([got["q"], torch.zeros_like(got["q"]), got["v"]])
+            continue
+        yield name, t
+    for base, got in held.items():             # one without the other: reported as unexpected
+        for w, t in got.items():
+            yield f"{base}.{w}_bias", t
+
+
+def load_qformer(module: QFormer, path, dtype=torch.float32, device="cpu") -> QFormer:
+    """BLIP-2 weights (a transformers Blip2Model directory or safetensors file; a `qformer.` prefix, as
+    the reference holds them, is stripped) into a QFormer built on the meta device."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such Q-Former checkpoint")
+    files = safetensors_files(path) if path.is_dir() else [path]
+    rules = layout_rules(QFORMER_LAYOUT)
+    with safe_open(str(files[0]), framework="pt") as f:
+        nested = any(k.startswith("qformer.qformer.") or k.startswith("qformer.query_tokens") for k in f.keys())
+    named = ((n.removeprefix("qformer.") if nested else n, t) for n, t in iter_safetensors(files))
+    named = ((n, t) for n, t in _merge_q_v_bias(named) if not QFORMER_UNUSED.match(n))
+    return load_state_strict(module, named, lambda n: map_name(n, rules), dtype=dtype, device=device,
+                             where=f"{path} (BLIP-2 layout)")
 
 
 # ----------------------------------------------------------------------------- Mixture of Visual experts

@@ -258,3 +258,75 @@ def test_clip_vitl14_parameter_count_equals_transformers():
             hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
             patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5))
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == 303_179_776
+
+
+# ----------------------------------------------------------------------------- BLIP-2 Q-Former
+
+QFORMER_TOY = V.QFormerConfig(
+    vision=V.ViTConfig(dim=32, depth=2, heads=4, patch=14, pos_grid=4, ffn="mlp", mlp_hidden=48, layer_scale=False,
+                       mask_token=False),
+    dim=24, depth=3, heads=4, hidden=40, queries=5, cross_every=2)
+
+
+@pytest.fixture(scope="module")
+def hf_blip2(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=56, patch_size=14, qkv_bias=True),
+        qformer_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                            cross_attention_frequency=2, encoder_hidden_size=32),
+        text_config=dict(model_type="opt", vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                         num_attention_heads=2, word_embed_proj_dim=16),
+        num_query_tokens=5)
+    ref = transformers.Blip2Model(cfg).eval()
+    _perturb(ref, 4)
+    with torch.no_grad():                                # BLIP-2 never learnt a key bias (it has q and v only)
+        for layer in ref.vision_model.encoder.layers:
+            layer.self_attn.qkv.bias[32:64] = 0
+    path = tmp_path_factory.mktemp("blip2")
+    ref.save_pretrained(path)
+    return ref, path
+
+
+def test_qformer_matches_blip2_get_qformer_features(hf_blip2, tmp_path):
+    ref, path = hf_blip2
+    with torch.device("meta"):
+        ours = V.QFormer(QFORMER_TOY)
+    ours = V.load_qformer(ours, path).eval()             # the whole Blip2Model: its language side is skipped
+    x = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        want = ref.get_qformer_features(pixel_values=x)
+        want = getattr(want, "last_hidden_state", want)  # a tensor in transformers 5, an output object before
+        torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=0)
+    # As the reference holds it (qformer.*, the language model dropped), from an older transformers that
+    # kept the vision attention's bias as q_bias / v_bias.
+    sd = {}
+    for k, v in load_file(str(path / "model.safetensors")).items():
+        if k.startswith("language_"):
+            continue
+        if k.endswith("self_attn.qkv.bias"):
+            q, _, v3 = v.chunk(3)
+            sd["qformer." + k.replace("qkv.bias", "q_bias")], sd["qformer." + k.replace("qkv.bias", "v_bias")] = q, v3
+        else:
+            sd["qformer." + k] = v
+    save_file(sd, str(tmp_path / "ref.safetensors"))
+    with torch.device("meta"):
+        old = V.QFormer(QFORMER_TOY)
+    old = V.load_qformer(old, tmp_path / "ref.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(old(x), ours(x))
+
+
+def test_blip2_opt27b_parameter_counts():
+    # Salesforce/blip2-opt-2.7b's image side, counted against transformers' own classes on the meta device.
+    with torch.device("meta"):
+        ours = V.QFormer(V.QFormerConfig())
+        cfg = transformers.Blip2Config(vision_config=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
+                                                          num_attention_heads=16, image_size=224, patch_size=14,
+                                                          qkv_bias=True),
+                                       qformer_config=dict(), num_query_tokens=32)
+        vision = transformers.Blip2VisionModel(cfg.vision_config)
+        qformer = transformers.Blip2QFormerModel(cfg.qformer_config)
+    want = sum(p.numel() for m in (vision, qformer) for p in m.parameters()) + 32 * 768
+    assert sum(p.numel() for p in ours.parameters()) == want
