@@ -25,10 +25,10 @@ from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_s
                         tie_pairs, unique_state_dict, verify_safetensors)
 from data import IGNORE_INDEX      # the targets' "no loss here" label (image, prompt and padding positions)
 from moe import MoEFeedForward
-from parallel import (copy_to_tp, cross_entropy_sum, reduce_from_tp, shard, split_rows_and_gather, tp_slice,
-                      vocab_parallel_embedding)
+from parallel import copy_to_tp, cross_entropy_sum, reduce_from_tp, shard, tp_slice, vocab_parallel_embedding
 from tiling import ImageLayout, Tiles
-from vision import CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, ViTConfig, load_encoder
+from vision import (CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, QFormerConfig, ViTConfig,
+                    load_encoder)
 
 
 # ----------------------------------------------------------------------------- config
@@ -506,6 +506,10 @@ class SphinxConfig:
     # "reference": the released models' image path (tiling.reference_tile + MoV.reference_tokens): photo
     # centred on a 1024 canvas, ConvNeXt on 512 views, DINOv2 on 224 views, no skip tokens.
     image_path: str = "ours"
+    # The original SPHINX's two further encoders, which SPHINX-MoE-1k (mixtral_sparse_ens5) keeps: a CLIP
+    # ViT-L/14 beside ConvNeXt and DINOv2, and a BLIP-2 Q-Former whose queries come first in each view.
+    clip: ViTConfig | None = None
+    qformer: QFormerConfig | None = None
 
     @property
     def view_size(self) -> int:
@@ -546,7 +550,7 @@ class Sphinx(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.llm.dim
-        self.mov = MixtureOfVisualExperts(cfg.convnext, cfg.vit, d)
+        self.mov = MixtureOfVisualExperts(cfg.convnext, cfg.vit, d, cfg.clip, cfg.qformer)
         self.begin_of_image = nn.Parameter(torch.zeros(d))
         self.end_of_image = nn.Parameter(torch.zeros(d))
         self.skip_token = nn.Parameter(torch.zeros(d))
@@ -580,7 +584,7 @@ class Sphinx(nn.Module):
         encoded = [None if t is None else layout.encoded(t.fully_padded) for t in images]
         if any(t is not None and t.reference for t in images):      # the released models' path
             canvases = torch.cat([t.views for t in images if t is not None]).to(dev, dt)
-            feats = self.mov.proj(split_rows_and_gather(self.mov.reference_tokens, canvases, self.llm.tp_group))
+            feats = self.mov.reference_forward(canvases, self.llm.tp_group)
         else:
             views = [v for t, enc in zip(images, encoded) if t is not None for v, e in zip(t.views, enc) if e]
             feats = self.mov(torch.stack(views).to(dev, dt), self.llm.tp_group) if views else None
@@ -652,9 +656,13 @@ def _config_text(meta: dict, path) -> str:
 def sphinx_config_from_json(text: str) -> SphinxConfig:
     d = json.loads(text)
     try:
+        clip, qformer = d.pop("clip", None), d.pop("qformer", None)
+        if qformer is not None:
+            qformer = QFormerConfig(**{**qformer, "vision": _tuples(ViTConfig, qformer["vision"])})
         return SphinxConfig(llm=config_from_json(json.dumps(d.pop("llm")), ModelConfig),
                             convnext=_tuples(ConvNeXtConfig, d.pop("convnext")),
-                            vit=_tuples(ViTConfig, d.pop("vit")), **d)
+                            vit=_tuples(ViTConfig, d.pop("vit")), clip=clip and _tuples(ViTConfig, clip),
+                            qformer=qformer, **d)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"config does not describe a SPHINX-X model: {e}") from None
 

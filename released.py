@@ -34,11 +34,12 @@ import torch
 
 import model as M
 from checkpoint import CheckpointError, load_state_strict, map_name, unique_state_dict
-from vision import CONVNEXT_LAYOUTS, VIT_LAYOUTS, layout_rules
+from vision import (CLIP_LAYOUTS, CONVNEXT_LAYOUTS, QFORMER_LAYOUT, QFORMER_UNUSED, VIT_CONFIGS, VIT_LAYOUTS,
+                    QFormerConfig, _merge_q_v_bias, layout_rules)
 
 SHARD_NAME = re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model\.pth$")
-SUPPORTED = {"llama_ens5_light"}          # mixtral_sparse_ens5 also needs the original SPHINX's encoders
-LLM_ONLY = {"llama_ens5_light", "mixtral_sparse_ens5"}      # load_released_llm reads their LLM
+SUPPORTED = {"llama_ens5_light", "mixtral_sparse_ens5"}
+LLM_ONLY = SUPPORTED                      # load_released_llm reads their LLM alone
 # mixtral_sparse_ens5.py's MoE: w1 w2 w3 without ".weight", each (E * H, dim), expert e owning rows
 # e*H .. (e+1)*H; w1 and w3 are used as x @ w.T, w2 untransposed (h @ w2_e); a model-parallel shard
 # holds a slice of every expert's rows (_sparse_expert_merge).
@@ -49,10 +50,15 @@ SPLIT_DIM = [(re.compile(r"^layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])
              (re.compile(r"^layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight$"), 1),
              (re.compile(r"^tok_embeddings\.weight$"), 1)]
 ENCODERS = {"openclip_convnext_xxl.": ("mov.convnext.", CONVNEXT_LAYOUTS["timm"]),
-            "dinov2_vitg14.": ("mov.vit.", VIT_LAYOUTS["dinov2"])}
-OURS = {"visual_proj.0.weight": "mov.proj.0.weight", "visual_proj.0.bias": "mov.proj.0.bias",
-        "visual_proj.1.weight": "mov.proj.1.weight", "visual_proj.1.bias": "mov.proj.1.bias",
-        "start_img": "begin_of_image", "end_img": "end_of_image"}
+            "dinov2_vitg14.": ("mov.vit.", VIT_LAYOUTS["dinov2"]),
+            # mixtral_sparse_ens5 (SPHINX-MoE-1k): open_clip's ViT-L-14 (text tower dropped) and a Blip2Model
+            "clip.visual.": ("mov.clip.", CLIP_LAYOUTS["openai"]),
+            "qformer.": ("mov.qformer.", QFORMER_LAYOUT)}
+OURS = {f"{ref}.{i}.{p}": f"{ours}.{i}.{p}" for ref, ours in (("visual_proj", "mov.proj"), ("qformer_proj", "mov.qformer_proj"))
+        for i in (0, 1) for p in ("weight", "bias")} | {"start_img": "begin_of_image", "end_img": "end_of_image"}
+# Held by the reference but never used for images: open_clip's text side (only its transformer is set
+# to None), CLIP's joint-space projection, and Blip2Model's language parts.
+UNUSED = re.compile(r"^clip\.(token_embedding|positional_embedding|ln_final|text_projection|logit_scale|visual\.proj$)")
 
 
 def split_dim(name: str) -> int | None:
@@ -160,9 +166,15 @@ def _rules():
 
 
 def to_our_names(named, cfg: M.ModelConfig):
-    """Reference names -> ours (with expert slots None); wq / wk rows permuted to our RoPE layout."""
+    """Reference names -> ours (with expert slots None); wq / wk rows permuted to our RoPE layout; unused
+    text-side tensors skipped; older Blip2 q_bias / v_bias merged into one qkv bias."""
     rules = _rules()
-    for name, t in named:
+    for name, t in _merge_q_v_bias(named):
+        if UNUSED.match(name) or (name.startswith("qformer.") and QFORMER_UNUSED.match(name[len("qformer."):])):
+            continue
+        if name in ("clip.visual.class_embedding", "clip.visual.positional_embedding"):
+            t = t.reshape(1, -1, t.shape[-1])                  # ours keep a batch dim
+
         if LLM_PART.match(name):
             heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}.get(name.split(".", 2)[-1])
             if heads and t.shape == (heads * cfg.head_dim, cfg.dim):      # a wrong shape is reported below
@@ -192,15 +204,18 @@ def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=t
         raise CheckpointError(f"{path}: not a directory (a released SPHINX-X model is a directory)")
     llama_type = _read_json(path / "meta.json").get("llama_type")
     if llama_type not in SUPPORTED:
-        raise CheckpointError(f"{path}: llama_type {llama_type!r} is not supported (supported: {sorted(SUPPORTED)}; "
-                              "mixtral_sparse_ens5 also needs the original SPHINX's CLIP ViT-L and Q-Former)")
+        raise CheckpointError(f"{path}: llama_type {llama_type!r} is not supported (supported: {sorted(SUPPORTED)})")
     llm = llm_config(_read_json(path / "config.json"))
     base = cfg or M.sphinx_config("sphinx-tiny")
-    cfg = M.SphinxConfig(llm, base.convnext, base.vit, canvas=1024, grid=2, skip_tokens=False, image_path="reference")
+    extra = {}
+    if llama_type == "mixtral_sparse_ens5":      # SPHINX-MoE-1k keeps the original SPHINX's CLIP ViT-L and Q-Former
+        extra = dict(clip=base.clip or VIT_CONFIGS["clip-vitl14"], qformer=base.qformer or QFormerConfig())
+    cfg = M.SphinxConfig(llm, base.convnext, base.vit, canvas=1024, grid=2, skip_tokens=False, image_path="reference",
+                         **extra)
     model = M.build_sphinx(cfg, init=False, tp_group=tp_group)
     # The released models never learnt a skip token (they encode every sub-image); ours is unused.
     no_skip = [(("skip_token", None), "(no skip token)", torch.zeros(llm.dim))]
-    _load_renamed(model, itertools.chain(to_our_names(merged_tensors(shard_files(path)), llm), no_skip),
+    _load_renamed(model, itertools.chain(to_our_names(merged_tensors(shard_files(path), llm.n_experts), llm), no_skip),
                   dtype=dtype, device=device, where=f"{path} ({llama_type})", shard=M.tp_loading(tp_group)[1])
     model.mov.freeze_encoders()
     return model
@@ -273,6 +288,8 @@ def from_our_names(model: M.Sphinx):
             target = map_name(name[len(ours):], rules)
             if target is None:
                 raise CheckpointError(f"{name}: no reference name for it")
+            if ref == "clip.visual." and target[0] in ("class_embedding", "positional_embedding"):
+                t = t.reshape(-1, t.shape[-1]).squeeze(0)          # open_clip's (d,) and (T, d)
             yield ref + target[0], t
 
 

@@ -487,17 +487,27 @@ class MixtureOfVisualExperts(nn.Module):
     and its cls token is the mean of its grid (the reference's choice: ConvNeXt has no cls token).
     """
 
-    def __init__(self, convnext: ConvNeXtConfig, vit: ViTConfig, llm_dim: int):
+    def __init__(self, convnext: ConvNeXtConfig, vit: ViTConfig, llm_dim: int, clip: ViTConfig | None = None,
+                 qformer: QFormerConfig | None = None):
         super().__init__()
         self.convnext = ConvNeXt(convnext)
         self.vit = ViT(vit)
-        self.proj = nn.Sequential(nn.Linear(convnext.dims[-1] + vit.dim, llm_dim), nn.LayerNorm(llm_dim))
+        # SPHINX-MoE-1k's extra encoders (the original SPHINX's): CLIP channels go first in the concatenation,
+        # the Q-Former's queries get their own projector and come first in each view's tokens.
+        self.clip = ViT(clip) if clip else None
+        self.qformer = QFormer(qformer) if qformer else None
+        channels = convnext.dims[-1] + vit.dim + (clip.dim if clip else 0)
+        self.proj = nn.Sequential(nn.Linear(channels, llm_dim), nn.LayerNorm(llm_dim))
+        self.qformer_proj = nn.Sequential(nn.Linear(qformer.dim, llm_dim), nn.LayerNorm(llm_dim)) if qformer else None
 
     def tokens_per_view(self, view_size: int) -> int:
-        return 1 + (view_size // self.vit.cfg.patch) ** 2
+        return 1 + (view_size // self.vit.cfg.patch) ** 2 + (self.qformer.cfg.queries if self.qformer else 0)
+
+    def encoders(self) -> list[nn.Module]:
+        return [m for m in (self.convnext, self.vit, self.clip, self.qformer) if m is not None]
 
     def freeze_encoders(self):
-        for enc in (self.convnext, self.vit):
+        for enc in self.encoders():
             enc.requires_grad_(False).eval()
 
     @torch.no_grad()
@@ -506,11 +516,14 @@ class MixtureOfVisualExperts(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.normal_(m.weight, std=std if isinstance(m, nn.Linear) else (1.0 / m.weight[0].numel()) ** 0.5)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for p in (self.vit.cls_token, self.vit.pos_embed, self.vit.mask_token):
+        vits = [m for m in self.modules() if isinstance(m, ViT)]
+        for p in [p for v in vits for p in (v.cls_token, v.pos_embed, v.mask_token)] + \
+                 ([self.qformer.query_tokens] if self.qformer else []):
             if p is not None:
                 nn.init.normal_(p, std=std)
         for name, p in self.named_parameters():     # layer scales at 1: random blocks must contribute
@@ -534,13 +547,13 @@ class MixtureOfVisualExperts(nn.Module):
         tokens = cmap.flatten(2).transpose(1, 2)
         return torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
 
-    @torch.no_grad()
-    def reference_tokens(self, canvas):
-        """The released models' image path (llama_ens5_light's encode_image): canvas (N, 3, C, C) in [0, 1]
-        is the padded square (C = 1024), CLIP-normalised first as the reference's transform does. ConvNeXt sees 512 views: the canvas resized, then its
-        four quadrants; DINOv2 sees 224 views: the canvas resized, then the quadrants of a 448 resize,
-        re-normalised from CLIP to ImageNet statistics. Resizes as the reference: bicubic on half-precision
-        tensors, no antialias. Returns (N * 5, 1 + g*g, C_convnext + C_vit), views in that order."""
+    @staticmethod
+    def reference_views(canvas):
+        """The released models' views of a padded square canvas (N, 3, C, C) in [0, 1] (C = 1024), CLIP-
+        normalised first as the reference's transform does: the 224 views (the canvas resized, then the
+        quadrants of a 448 resize) and the C/2 views (the canvas resized, then its four quadrants), each
+        (N * 5, 3, S, S) in the order global, top-left, top-right, bottom-left, bottom-right. Resizes as
+        the reference: bicubic on half-precision tensors, no antialias."""
         canvas = normalize(canvas, CLIP_MEAN, CLIP_STD)
         half = canvas.shape[-1] // 2
 
@@ -550,23 +563,46 @@ class MixtureOfVisualExperts(nn.Module):
         def with_quadrants(whole, x, s):
             parts = [x[..., :s, :s], x[..., :s, s:], x[..., s:, :s], x[..., s:, s:]]
             return torch.stack([whole] + parts, dim=1).flatten(0, 1)
-        v448 = resized(448)
-        dino = with_quadrants(resized(224), v448, 224)
-        conv = with_quadrants(resized(half), canvas, half)
+        return with_quadrants(resized(224), resized(448), 224), with_quadrants(resized(half), canvas, half)
+
+    @torch.no_grad()
+    def reference_tokens(self, canvas):
+        """The released models' frozen features (llama_ens5_light's encode_image; mixtral_sparse_ens5's with
+        CLIP): ConvNeXt on the C/2 views with its grid mean as cls; DINOv2 on the 224 views re-normalised
+        from CLIP to ImageNet statistics; CLIP ViT-L on the 224 views as they are. Returns
+        (N * 5, 1 + g*g, [C_clip +] C_convnext + C_vit), channels in the reference's order."""
+        v224, conv = self.reference_views(canvas)
         cmap = self.convnext(conv)
         g = 224 // self.vit.cfg.patch
         if cmap.shape[-2:] != (g, g):
-            raise ValueError(f"reference path: ConvNeXt gives a {tuple(cmap.shape[-2:])} grid on {half}-pixel views, "
-                             f"DINOv2 a {g}x{g} one on 224-pixel views; they must agree")
+            raise ValueError(f"reference path: ConvNeXt gives a {tuple(cmap.shape[-2:])} grid on {conv.shape[-1]}-pixel "
+                             f"views, DINOv2 a {g}x{g} one on 224-pixel views; they must agree")
         ctok = cmap.flatten(2).transpose(1, 2)
         ctok = torch.cat([ctok.mean(1, keepdim=True), ctok], dim=1)
-        c_mean, c_std, i_mean, i_std = (torch.tensor(v, dtype=canvas.dtype, device=canvas.device).view(1, 3, 1, 1)
+        c_mean, c_std, i_mean, i_std = (torch.tensor(v, dtype=v224.dtype, device=v224.device).view(1, 3, 1, 1)
                                         for v in (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD))
-        vtok = self.vit(dino * (c_std / i_std) + (c_mean - i_mean) / i_std)
-        return torch.cat([ctok, vtok], dim=-1)
+        vtok = self.vit(v224 * (c_std / i_std) + (c_mean - i_mean) / i_std)
+        return torch.cat(([self.clip(v224)] if self.clip else []) + [ctok, vtok], dim=-1)
+
+    @torch.no_grad()
+    def reference_queries(self, canvas):
+        """The Q-Former's queries read from the 224 views (CLIP-normalised): (N * 5, queries, dim)."""
+        return self.qformer(self.reference_views(canvas)[0])
+
+    def reference_forward(self, canvas, tp_group=None):
+        """(N * 5, T, llm dim) image tokens per view on the released models' path: the projected frozen
+        features, after the projected Q-Former queries when there is a Q-Former (mixtral_sparse_ens5's
+        [qformer_proj(queries), visual_proj(features)]). Under TP each rank encodes a share of the canvases."""
+        feats = self.proj(split_rows_and_gather(self.reference_tokens, canvas, tp_group))
+        if self.qformer is None:
+            return feats
+        return torch.cat([self.qformer_proj(split_rows_and_gather(self.reference_queries, canvas, tp_group)), feats], 1)
 
     @torch.no_grad()
     def encode_frozen(self, views):
+        if self.clip is not None or self.qformer is not None:
+            raise ValueError("the original SPHINX's CLIP ViT and Q-Former run on the released models' image path "
+                             "only (image_path='reference')")
         return torch.cat([self.convnext_tokens(views), self.vit_tokens(views)], dim=-1)
 
     def forward(self, views, tp_group=None):

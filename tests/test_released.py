@@ -208,7 +208,10 @@ def test_hostile_directories_fail_with_one_clear_error(exported, tmp_path, monke
     assert not (tmp_path / "pwned-by-pickle").exists()
     bad = _copy(exported / "mp1", tmp_path / "moe")
     (bad / "meta.json").write_text(json.dumps({"llama_type": "mixtral_sparse_ens5"}))
-    with pytest.raises(CheckpointError, match="not supported.*Q-Former"):
+    with pytest.raises(CheckpointError, match=r"does not fit the model:\n  missing \(\d+\): mov.clip."):
+        R.load_released(bad, CFG)                       # a dense model's files under SPHINX-MoE's name
+    (bad / "meta.json").write_text(json.dumps({"llama_type": "llama_ens7"}))
+    with pytest.raises(CheckpointError, match="llama_type 'llama_ens7' is not supported"):
         R.load_released(bad, CFG)
     with pytest.raises(CheckpointError, match="exists; export into a new directory"):
         R.export_released(R.load_released(exported / "mp1", CFG), exported / "mp1")
@@ -249,11 +252,11 @@ MOE_ARGS = {"dim": 64, "hidden_dim": 48, "head_dim": 16, "n_layers": 2, "n_heads
             "moe": {"num_experts_per_tok": 2, "num_experts": 4}}
 
 
-def _moe_reference_state(seed=0) -> dict:
+def _moe_reference_state(seed=0, a=MOE_ARGS) -> dict:
     """Random tensors with the names and shapes mixtral_sparse_ens5.py defines (MoE w1/w2/w3 are bare
     Parameters of shape (E * H, dim), `gate` a Linear (E, dim)), plus vision keys the LLM loader must skip."""
     g = torch.Generator().manual_seed(seed)
-    a, E, H = MOE_ARGS, MOE_ARGS["moe"]["num_experts"], MOE_ARGS["hidden_dim"]
+    E, H = a["moe"]["num_experts"], a["hidden_dim"]
     d, hd = a["dim"], a["dim"] // a["n_heads"]
     r = lambda *s: 0.1 * torch.randn(*s, generator=g)
     sd = {"tok_embeddings.weight": r(a["vocab_size"], d), "norm.weight": 1 + r(d), "output.weight": r(a["vocab_size"], d),
@@ -267,7 +270,7 @@ def _moe_reference_state(seed=0) -> dict:
     return sd
 
 
-def _write_moe(sd: dict, path, shards: int):
+def _write_moe(sd: dict, path, shards: int, args=MOE_ARGS):
     """Shards by tensor_parallel.py's rules and mixtral_sparse_ens5's _sparse_expert_split."""
     path.mkdir()
     E = MOE_ARGS["moe"]["num_experts"]
@@ -283,7 +286,7 @@ def _write_moe(sd: dict, path, shards: int):
             p["llma." + k] = piece.clone()
     for i, p in enumerate(parts):
         torch.save({"model": p}, path / f"consolidated.{i:02d}-of-{shards:02d}.model.pth")
-    (path / "config.json").write_text(json.dumps(MOE_ARGS))
+    (path / "config.json").write_text(json.dumps(args))
     (path / "meta.json").write_text(json.dumps({"llama_type": "mixtral_sparse_ens5"}))
     return path
 
@@ -325,5 +328,69 @@ def test_sparse_moe_llm_loads_from_one_and_two_shards_and_matches_the_reference_
             got[n] = llm(tokens[None])[0][0].double()
         torch.testing.assert_close(got[n], want, atol=2e-5, rtol=1e-5)
     assert torch.equal(got[1], got[2])
-    with pytest.raises(CheckpointError, match="not supported.*Q-Former"):
-        R.load_released(tmp_path / "mp1")
+
+
+# ----------------------------------------------------------------------------- SPHINX-MoE-1k: four encoders
+
+MOE1K_ARGS = {**MOE_ARGS, "vocab_size": LLM.vocab_size, "max_seq_len": 2048}
+MOE1K = replace(CFG, llm=R.llm_config(MOE1K_ARGS),
+                clip=V.ViTConfig(dim=16, depth=1, heads=2, patch=14, pos_grid=16, eps=1e-5, **V.CLIP_VIT),
+                qformer=V.QFormerConfig(vision=V.ViTConfig(dim=16, depth=1, heads=2, patch=14, pos_grid=16, ffn="mlp",
+                                                           mlp_hidden=24, layer_scale=False, mask_token=False),
+                                        dim=8, depth=2, heads=2, hidden=16, queries=3))
+
+
+def test_sphinx_moe_1k_loads_four_encoders_and_computes_the_reference_image_path(tokenizer, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """mixtral_sparse_ens5 at toy size, in the reference's layout: the MoE LLM, ConvNeXt, DINOv2, CLIP ViT
+    (clip.visual.*, with the text side open_clip keeps) and a Blip2Model (qformer.*, older q_bias /
+    v_bias), visual_proj over 5632-like concatenated channels and qformer_proj; then the image path
+    transcribed from the reference's encode_image, and sample.py end to end."""
+    torch.manual_seed(5)
+    toy = M.build_sphinx(MOE1K)
+    with torch.no_grad():
+        for n, p in toy.named_parameters():
+            if not n.startswith("llm."):
+                p.add_(0.05 * torch.randn_like(p))              # biases and norms away from their init
+        for b in toy.mov.qformer.vision.blocks:                  # BLIP-2 never learnt a key bias
+            b.qkv.bias[16:32] = 0
+    sd = {k: v for k, v in _moe_reference_state(1, MOE1K_ARGS).items() if R.LLM_PART.match(k)}
+    sd |= {k: v for k, v in R.from_our_names(toy) if not R.LLM_PART.match(k)}
+    for k in [k for k in sd if k.endswith("self_attn.qkv.bias")]:   # as an older transformers saved it
+        q, _, v = sd.pop(k).chunk(3)
+        sd[k.replace("qkv.bias", "q_bias")], sd[k.replace("qkv.bias", "v_bias")] = q, v
+    sd |= {"clip.token_embedding.weight": torch.randn(10, 16), "clip.ln_final.weight": torch.ones(16),
+           "clip.logit_scale": torch.ones(()), "clip.visual.proj": torch.randn(16, 8)}   # kept, never used
+    assert sd["clip.visual.class_embedding"].shape == (16,) and sd["clip.visual.positional_embedding"].shape == (257, 16)
+    models = [R.load_released(_write_moe(sd, tmp_path / f"mp{n}", n, MOE1K_ARGS), MOE1K) for n in (1, 2)]
+    want_sd = toy.state_dict()
+    for got in models:
+        got_sd = got.state_dict()
+        for k, v in want_sd.items():
+            if not k.startswith("llm.") and k != "skip_token":
+                assert torch.equal(got_sd[k], v), k
+    m = models[1].mov
+    assert m.proj[0].in_features == 16 + 32 + 32                  # CLIP + ConvNeXt + DINOv2 channels
+    assert models[1].layout.block_len([False] * 5) == 5 * (3 + 257 + 2)    # (32 + 257 + 2) * 5 at full size
+    # The reference's encode_image, written out: 224 views for the Q-Former, CLIP and DINOv2, 512 views for
+    # the ConvNeXt; per view [qformer_proj(queries), visual_proj(cat(clip, convnext + gap cls, dinov2))].
+    canvas = torch.rand(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(2))
+    cm, cs, dm, ds = (torch.tensor(v).view(3, 1, 1) for v in (V.CLIP_MEAN, V.CLIP_STD, V.IMAGENET_MEAN, V.IMAGENET_STD))
+    with torch.no_grad():
+        x = (canvas - cm) / cs
+        r = lambda size: F.interpolate(x.half(), size=(size, size), mode="bicubic").to(x.dtype)
+        quads = lambda whole, y, s: torch.stack([whole, y[..., :s, :s], y[..., :s, s:], y[..., s:, :s], y[..., s:, s:]], 1)
+        v224, v512 = quads(r(224), r(448), 224).flatten(0, 1), quads(r(512), x, 512).flatten(0, 1)
+        conv = m.convnext(v512).flatten(-2).permute(0, 2, 1)
+        conv = torch.cat([conv.mean(dim=1, keepdim=True), conv], dim=1)
+        dino = m.vit((v224 * cs + cm - dm) / ds)
+        ens = torch.cat([m.clip(v224), conv, dino], dim=2)
+        want = torch.cat([m.qformer_proj(m.qformer(v224)), m.proj(ens)], dim=1)
+        torch.testing.assert_close(m.reference_forward(canvas), want, atol=1e-5, rtol=0)
+    # python sample.py photo "prompt" --ckpt <SPHINX-MoE-1k dir>
+    from PIL import Image
+    monkeypatch.setitem(M.SIZES, "sphinx-tiny", lambda: MOE1K)   # the released model's vision side, at toy size
+    Image.new("RGB", (90, 40), (20, 200, 30)).save(tmp_path / "photo.png")
+    rc = S.main([str(tmp_path / "photo.png"), "What is this?", "--ckpt", str(tmp_path / "mp2"), "--tokenizer",
+                 tokenizer, "--max-new-tokens", "3", "--temperature", "0", "--dtype", "fp32"])
+    assert rc == 0 and "error" not in capsys.readouterr().err
