@@ -16,6 +16,10 @@ Every key starts with `llma.`. Facts this file relies on, read from the referenc
     open_clip's ConvNeXt-XXL trunk (timm names) as `openclip_convnext_xxl` and torch.hub's DINOv2
     ViT-g/14 (its own names) as `dinov2_vitg14`; `visual_proj` = Linear + LayerNorm; the image tags
     `start_img` / `end_img` have shape (1, 1, dim).
+  - accessory/model/LLM/mixtral_sparse_ens5.py (SPHINX-MoE-1k): the same plus open_clip's ViT-L-14 as
+    `clip` (text transformer set to None, the rest of its text side kept) and a transformers Blip2Model
+    as `qformer` (language model and projection set to None); per view the Q-Former's 32 queries through
+    `qformer_proj` come first, then `visual_proj` over cat(CLIP, ConvNeXt, DINOv2) = 1024 + 3072 + 1536.
   - accessory/model/LLM/llama.py: rotary embeddings on adjacent pairs of each head's dimensions
     (complex multiplication), Meta's layout; we (and HF) rotate the two halves, so the rows of wq and
     wk are permuted on the way in and back on the way out.

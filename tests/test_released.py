@@ -394,3 +394,16 @@ def test_sphinx_moe_1k_loads_four_encoders_and_computes_the_reference_image_path
     rc = S.main([str(tmp_path / "photo.png"), "What is this?", "--ckpt", str(tmp_path / "mp2"), "--tokenizer",
                  tokenizer, "--max-new-tokens", "3", "--temperature", "0", "--dtype", "fp32"])
     assert rc == 0 and "error" not in capsys.readouterr().err
+
+
+def test_sphinx_moe_1k_full_size_shapes_on_the_meta_device():
+    # What load_released builds for the real directory: visual_proj takes 1024 + 3072 + 1536 = 5632 channels,
+    # qformer_proj 768, and each view is 32 + 257 positions between its tags.
+    base = M.sphinx_config("sphinx-moe")
+    cfg = replace(base, canvas=1024, skip_tokens=False, image_path="reference", clip=V.VIT_CONFIGS["clip-vitl14"],
+                  qformer=V.QFormerConfig())
+    with torch.device("meta"):
+        model = M.Sphinx(cfg)
+    assert model.mov.proj[0].in_features == 5632 and model.mov.qformer_proj[0].in_features == 768
+    assert model.mov.proj[0].out_features == model.mov.qformer_proj[0].out_features == 4096
+    assert model.layout.block_len([False] * 5) == (32 + 257 + 2) * 5       # the reference's image_words
