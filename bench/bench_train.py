@@ -100,7 +100,7 @@ def main():
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         out = os.path.join(d, "dp.json")
-        mp.start_processes(_dp_worker, args=(2, port, os.path.join(d, "tokenizer.json"), 8, out), nprocs=2,
+        mp.start_processes(_dp_worker, args=(2, port, os.path.join(d, "fp32", "tokenizer.json"), 8, out), nprocs=2,
                            start_method="spawn")
         res = json.load(open(out))
         base = res["plain all-reduce"]
