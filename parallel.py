@@ -176,7 +176,7 @@ def split_rows_and_gather(fn, x, group):
     x = torch.cat([x, x.new_zeros(per * tp - n, *x.shape[1:])]) if per * tp > n else x
     mine = fn(x[rank * per:(rank + 1) * per]).contiguous()
     out = mine.new_empty(mine.shape[0] * tp, *mine.shape[1:])
-    dist.all_gather_into_tensor(out, mine, group=group)
+    dist.all_gather_single(out, mine, group=group)
     return out[: n * (mine.shape[0] // per)]
 
 
