@@ -81,7 +81,7 @@ def matmul_flops(dtype, n: int = 512, device="cpu") -> float:
     return 2 * n ** 3 / best
 
 
-def pick_dtype(choice: str, device="cpu", measure=matmul_flops) -> tuple[str, str]:
+def pick_dtype(choice: str, device="cpu", measure=matmul_flops, what: str = "matmuls") -> tuple[str, str]:
     """--dtype auto|bf16|fp32 -> (bf16 or fp32, why). auto: bf16 on a GPU; on a CPU, bf16 where its
     matmuls measure clearly faster (AVX-512-BF16 / AMX CPUs: ~4x fp32), fp32 otherwise (AVX2-only CPUs run
     bf16 ~100x slower). Master weights, norms, router softmax and loss stay fp32 either way."""
@@ -90,7 +90,7 @@ def pick_dtype(choice: str, device="cpu", measure=matmul_flops) -> tuple[str, st
     if torch.device(device).type == "cuda":
         return "bf16", "a GPU"
     f32, b16 = measure(torch.float32), measure(torch.bfloat16)
-    return ("bf16" if b16 > 1.5 * f32 else "fp32"), f"measured here: bf16 {b16 / 1e9:.0f} vs fp32 {f32 / 1e9:.0f} GFLOP/s"
+    return ("bf16" if b16 > 1.5 * f32 else "fp32"), f"{what} measured here: bf16 {b16 / 1e9:.0f} vs fp32 {f32 / 1e9:.0f} GFLOP/s"
 
 
 # The paper's LLMs (exact published configs) and small sizes that train on a CPU.

@@ -22,7 +22,7 @@ import data as D
 import model as M
 import released as R
 from checkpoint import CheckpointError
-from generate import generate
+from generate import decode_matvec_flops, generate
 from moe import moe_layers, prune_experts, set_top_k
 from tiling import ImageError, canvas_to_photo, centered_to_photo, labelled_boxes, load_image
 
@@ -104,7 +104,8 @@ def load(args):
         except ValueError:
             raise ValueError(f"--keep-experts {args.keep_experts!r}: expected expert numbers like 0,2,5") from None
         prune_experts(model, keep)
-    dtype, why = M.pick_dtype(args.dtype, args.device)
+    # Decoding is matrix-vector products: the precision is chosen by timing those at this model's shapes.
+    dtype, why = M.pick_dtype(args.dtype, args.device, lambda dt: decode_matvec_flops(model.llm.cfg, dt), "matvecs")
     print(f"({dtype}: {why})", file=sys.stderr)
     return model.to(args.device, M.DTYPES[dtype]).eval(), D.Tokenizer(tok_path)
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 import model as M
 import tiling as T
-from generate import generate, sample_token
+from generate import decode_matvec_flops, generate, sample_token
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,11 @@ def test_sampler_greedy_and_nucleus():
     counts = torch.bincount(torch.tensor([sample_token(logits, 1.0, p2, gen) for _ in range(4000)]), minlength=4)
     assert counts[2:].sum() == 0
     torch.testing.assert_close(counts[:2] / 4000, probs[:2] / probs[:2].sum(), atol=0.03, rtol=0)
+
+
+def test_decode_precision_is_timed_at_the_model_shapes():
+    cfg = M.llm_config("tiny")
+    f32, b16 = (decode_matvec_flops(cfg, dt) for dt in (torch.float32, torch.bfloat16))
+    assert f32 > 1e8 and b16 > 1e6                       # real timings of both kinds, in FLOP/s
+    dtype, why = M.pick_dtype("auto", "cpu", lambda dt: {torch.float32: f32, torch.bfloat16: b16}[dt], "matvecs")
+    assert dtype == ("bf16" if b16 > 1.5 * f32 else "fp32") and why.startswith("matvecs measured here")

@@ -458,7 +458,7 @@ def test_dtype_is_chosen_by_measurement_or_as_asked():
     fast_bf16 = lambda dt: 900e9 if dt == torch.bfloat16 else 215e9          # an AVX-512-BF16 CPU
     slow_bf16 = lambda dt: 1e9 if dt == torch.bfloat16 else 100e9            # an AVX2-only CPU
     near = lambda dt: 130e9 if dt == torch.bfloat16 else 100e9               # not clearly faster
-    assert M.pick_dtype("auto", "cpu", fast_bf16) == ("bf16", "measured here: bf16 900 vs fp32 215 GFLOP/s")
+    assert M.pick_dtype("auto", "cpu", fast_bf16) == ("bf16", "matmuls measured here: bf16 900 vs fp32 215 GFLOP/s")
     assert M.pick_dtype("auto", "cpu", slow_bf16)[0] == "fp32"
     assert M.pick_dtype("auto", "cpu", near)[0] == "fp32"
     assert M.pick_dtype("fp32", "cpu", fast_bf16) == ("fp32", "as asked")
