@@ -163,12 +163,19 @@ def save_safetensors_atomic(path, tensors: dict, metadata: dict):
     metadata = {**metadata, "tensors_sha256": tensors_sha256(sorted(tensors.items()))}
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())      # mkstemp and save_file make it private (0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def tensors_sha256(named) -> str:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import model as M
-from checkpoint import CheckpointError, load_state_strict, map_name, unique_state_dict
+from checkpoint import CheckpointError, current_umask, load_state_strict, map_name, unique_state_dict
 from vision import (CLIP_LAYOUTS, CONVNEXT_LAYOUTS, QFORMER_LAYOUT, QFORMER_UNUSED, VIT_CONFIGS, VIT_LAYOUTS,
                     QFormerConfig, _merge_q_v_bias, layout_rules)
 
@@ -318,6 +318,7 @@ def export_released(model: M.Sphinx, path, shards: int = 1, tokenizer_model=None
             sd["llma." + name] = piece.detach().clone().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    os.chmod(tmp, 0o777 & ~current_umask())          # mkdtemp makes it private (0700)
     for r, sd in enumerate(parts):
         torch.save({"model": sd}, tmp / f"consolidated.{r:02d}-of-{shards:02d}.model.pth")
     (tmp / "config.json").write_text(json.dumps(reference_args(cfg), indent=2))

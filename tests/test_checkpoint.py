@@ -50,6 +50,7 @@ def test_atomic_save_keeps_the_previous_file_and_writes_a_digest(tmp_path, monke
     meta = C.read_safetensors_metadata(path)
     assert meta["format"] == "x" and meta["tensors_sha256"] == C.tensors_sha256([("w", torch.ones(3))])
     C.verify_safetensors(path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~C.current_umask()     # a normal file, not mkstemp's 0600
     import safetensors.torch as st
 
     def crash(*a, **k):
@@ -70,3 +71,18 @@ def test_config_from_json_refuses_unknown_fields():
     assert C.config_from_json('{"dim": 8, "n_heads": 2, "n_kv_heads": 1}', ModelConfig).dim == 8
     with pytest.raises(C.CheckpointError, match=r"unknown config fields \['wings'\]"):
         C.config_from_json('{"wings": 2}', ModelConfig)
+
+
+def test_verify_streams_the_file_and_names_a_changed_or_cut_one(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(4, dtype=torch.bfloat16), "c": torch.tensor([1, 2])}
+    C.save_safetensors_atomic(path, tensors, {})
+    C.verify_safetensors(path)                        # recomputed from the file's bytes, in name order
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1                                     # one bit of the last tensor
+    (tmp_path / "x.safetensors").write_bytes(bytes(data))
+    with pytest.raises(C.CheckpointError, match="checksum mismatch"):
+        C.verify_safetensors(tmp_path / "x.safetensors")
+    (tmp_path / "y.safetensors").write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(C.CheckpointError):
+        C.verify_safetensors(tmp_path / "y.safetensors")
