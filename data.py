@@ -308,21 +308,30 @@ def read_records(path):
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+    # One pass over the list's top-level items with the decoder: each record and the line it starts on.
+    decoder, records, ws = json.JSONDecoder(), [], " \t\r\n"
+    skip = lambda i: next((j for j in range(i, len(text)) if text[j] not in ws), len(text))
     try:
-        records = json.loads(text)
+        pos = skip(0)
+        if text[pos:pos + 1] != "[":
+            decoder.decode(text)                              # a malformed file reports its own error
+            raise DataError(f"{path}: expected a JSON list of records")
+        pos, line = skip(pos + 1), 1
+        while text[pos:pos + 1] != "]":
+            if records:
+                if text[pos:pos + 1] != ",":
+                    raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+                pos = skip(pos + 1)
+            line += text.count("\n", records[-1][2] if records else 0, pos)
+            rec, end = decoder.raw_decode(text, pos)
+            records.append((line, rec, pos))
+            pos = skip(end)
+        if skip(pos + 1) != len(text):
+            raise json.JSONDecodeError("extra data after the list", text, skip(pos + 1))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records")
-    # Line numbers for a JSON list: walk its top-level items with the decoder to find where each starts.
-    decoder, pos, starts = json.JSONDecoder(), text.index("[") + 1, []
-    for _ in records:
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        starts.append(pos)
-        pos = decoder.raw_decode(text, pos)[1]
-    for rec, start in zip(records, starts):
-        yield f"{path}:{text.count(chr(10), 0, start) + 1}", rec
+    for line, rec, _ in records:
+        yield f"{path}:{line}", rec
 
 
 class Skips:
