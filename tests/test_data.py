@@ -417,3 +417,21 @@ def test_a_record_too_long_is_measured_once(tmp_path, bpe, monkeypatch):
         b.next_micro(1)
     assert calls.count(f"{tmp_path / 'd.jsonl'}:1") == 1 and skips.draws == 6
     assert skips.report().startswith("skipped 1 bad samples, 6 draws")
+
+
+def test_json_list_records_carry_their_line_and_bad_lists_name_theirs(tmp_path):
+    recs = [{"conversations": [{"from": "human", "value": f"q{i}\nstill q"}, {"from": "gpt", "value": "a"}]} for i in range(3)]
+    (tmp_path / "d.json").write_text(json.dumps(recs, indent=2))        # the value's \n stays escaped
+    text = (tmp_path / "d.json").read_text()
+    starts = [text[:text.index(f'"q{i}')].rfind("{\n    \"conversations\"") for i in range(3)]
+    want = [text.count("\n", 0, s) + 1 for s in starts]
+    got = list(D.read_records(tmp_path / "d.json"))
+    assert [src.split(":")[-1] for src, _ in got] == [str(w) for w in want] and [r for _, r in got] == recs
+    compact = json.dumps(recs)
+    for bad, message in ((compact[:-1], r"malformed JSON \(expected ',' or '\]'\)"),
+                         (compact + " []", "malformed JSON \\(extra data after the list\\)"),
+                         ("\n\n" + compact.replace("}, {", "} {", 1), r"d.json:3: malformed JSON"),
+                         ('{"a": 1}', "expected a JSON list of records"), ("", "malformed JSON")):
+        (tmp_path / "d.json").write_text(bad)
+        with pytest.raises(D.DataError, match=message):
+            list(D.read_records(tmp_path / "d.json"))
