@@ -394,6 +394,15 @@ def test_sphinx_moe_1k_loads_four_encoders_and_computes_the_reference_image_path
     rc = S.main([str(tmp_path / "photo.png"), "What is this?", "--ckpt", str(tmp_path / "mp2"), "--tokenizer",
                  tokenizer, "--max-new-tokens", "3", "--temperature", "0", "--dtype", "fp32"])
     assert rc == 0 and "error" not in capsys.readouterr().err
+    # torchrun train.py --init <SPHINX-MoE-1k dir>: tuning starts from it (MoE LLM, four frozen encoders)
+    monkeypatch.setitem(M.SIZES, "toy-moe-1k", lambda: MOE1K)
+    res = T.train(T.parse_args(["--size", "toy-moe-1k", "--init", str(tmp_path / "mp1"), "--tokenizer", tokenizer,
+                                "--steps", "2", "--batch", "2", "--micro-batch", "1", "--max-len", "1600",
+                                "--eval-per-task", "0", "--dtype", "fp32", "--out", str(tmp_path / "run")]))
+    assert len(res["losses"]) == 2 and all(l == l for l in res["losses"])
+    trained = res["model"]
+    assert not any(p.requires_grad for m in trained.mov.encoders() for p in m.parameters())
+    assert trained.mov.qformer_proj[0].weight.requires_grad and trained.mov.proj[0].weight.requires_grad
 
 
 def test_sphinx_moe_1k_full_size_shapes_on_the_meta_device():
