@@ -178,6 +178,11 @@ def current_umask() -> int:
     return mask
 
 
+def _digest_header(name, dtype, shape) -> bytes:
+    """What the digest hashes before each tensor's bytes, the same whether it reads tensors or the file."""
+    return f"{name}|{dtype}|{tuple(shape)}|".encode()
+
+
 def tensors_sha256(named) -> str:
     """SHA-256 over (name, dtype, shape, bytes) of every tensor, given in name order: stored in a
     safetensors file's metadata when we write it, checked when we load it (a file cannot hold its own
@@ -185,7 +190,7 @@ def tensors_sha256(named) -> str:
     import hashlib
     h = hashlib.sha256()
     for name, t in named:
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_digest_header(name, t.dtype, t.shape))
         h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
@@ -210,7 +215,7 @@ def verify_safetensors(path, chunk: int = 1 << 22):
         start = 8 + n
         for name in sorted(k for k in header if k != "__metadata__"):
             e = header[name]
-            h.update(f"{name}|{_ST_DTYPES.get(e['dtype'], e['dtype'])}|{tuple(e['shape'])}|".encode())
+            h.update(_digest_header(name, _ST_DTYPES.get(e["dtype"], e["dtype"]), e["shape"]))
             f.seek(start + e["data_offsets"][0])
             left = e["data_offsets"][1] - e["data_offsets"][0]
             while left > 0:

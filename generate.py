@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from model import Sphinx, Transformer
+from model import Sphinx, Transformer, best_seconds
 from parallel import gather_vocab
 from tiling import Tiles
 
@@ -15,20 +15,14 @@ def decode_matvec_flops(cfg, dtype, head_rows: int = 8192) -> float:
     (an FFN's three and the output head, capped at head_rows rows), best of 3. sample.py picks its
     precision by this, not by big matmuls: at d=256 a bf16 matvec is ~2x slower than fp32 even on an
     AVX-512-BF16 CPU, at d=1024 with a 32k vocabulary ~1.8x faster."""
-    import time
     shapes = [(cfg.ffn_dim, cfg.dim), (cfg.ffn_dim, cfg.dim), (cfg.dim, cfg.ffn_dim), (min(cfg.vocab_size, head_rows), cfg.dim)]
     ws = [torch.empty(r, c, dtype=dtype).uniform_(-0.1, 0.1) for r, c in shapes]
     xs = [torch.ones(1, c, dtype=dtype) for _, c in shapes]
-    run = lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, ws)]
-    for _ in range(3):
-        run()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
+    def ten_tokens():
         for _ in range(10):
-            run()
-        best = min(best, (time.perf_counter() - t) / 10)
-    return sum(2 * r * c for r, c in shapes) / best
+            for x, w in zip(xs, ws):
+                torch.nn.functional.linear(x, w)
+    return 10 * sum(2 * r * c for r, c in shapes) / best_seconds(ten_tokens)
 
 
 def prefill(llm: Transformer, embeds) -> torch.Tensor:

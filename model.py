@@ -65,20 +65,25 @@ class ModelConfig:
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}      # the --dtype choices of train.py and sample.py
 
 
+def best_seconds(fn, repeat: int = 3, device="cpu") -> float:
+    """The fastest of `repeat` timed calls of fn, after one warm-up call (synchronising a GPU)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def matmul_flops(dtype, n: int = 512, device="cpu") -> float:
     """FLOP/s of an n^3 matmul in `dtype` here (best of 3, after a warm-up): a few ms."""
     gen = torch.Generator().manual_seed(0)                # its own generator: the run's RNG is untouched
     a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / best_seconds(lambda: a @ b, device=device)
 
 
 def pick_dtype(choice: str, device="cpu", measure=matmul_flops, what: str = "matmuls") -> tuple[str, str]:

@@ -29,7 +29,7 @@ import released as R
 from checkpoint import CheckpointError, file_sha256, iter_safetensors, load_state_strict, read_safetensors_metadata
 from generate import generate
 from moe import total_aux_loss, track_usage, usage_report
-from parallel import Mesh, all_reduce, setup_mesh, shard, unshard, world_group
+from parallel import Mesh, all_reduce, setup_mesh, unshard, world_group
 from zero import ZeRO2
 
 # Paper recipe (Sec. 4.1): AdamW (0.9, 0.95), wd 0, lr 2e-5 (5e-6 MoE), 1% linear warm-up, cosine to 0,
@@ -153,7 +153,7 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphi
         model = M.load_base(args.base, cfg) if args.base else M.build_sphinx(cfg)
         if tp is not None:
             full, model = model, M.build_sphinx(model.cfg, init=False, tp_group=tp)
-            load_state_strict(model, ((n, shard(n, t, mesh.tp_rank, mesh.tp)) for n, t in M.unique_state_dict(full).items()))
+            load_state_strict(model, M.unique_state_dict(full).items(), shard=M.tp_loading(tp)[1])
             model.mov.freeze_encoders()
     model.to(torch.device(args.device), M.DTYPES[args.dtype])
     model.llm.activation_checkpointing = args.activation_checkpointing

@@ -336,7 +336,7 @@ def load_encoder(module: nn.Module, path, dtype=torch.float32, device="cpu") -> 
             t = t.reshape(1, -1, t.shape[-1])
         return [(name, t)]
 
-    named = ((_strip(n), t) for n, t in iter_safetensors(files) if not (is_clip and _strip(n) in CLIP_UNUSED))
+    named = ((n, t) for n, t in ((_strip(n), t) for n, t in iter_safetensors(files)) if not (is_clip and n in CLIP_UNUSED))
     if is_vit and layout == "hf":
         named = _merge_hf_qkv(named, *((".self_attn.{}_proj.", ".self_attn.qkv.", "qkv") if is_clip else ()))
     return load_state_strict(module, named, rename, reshape if is_vit else None, dtype=dtype, device=device,
