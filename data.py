@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,6 +285,9 @@ def _centered_box_converter(image_path, source: str, canvas: int):
     return lambda vals: photo_to_canvas(centered_to_photo(vals, size), size, canvas)
 
 
+JSON_SPACE = re.compile(r"[ \t\r\n]*")       # what JSON allows between tokens
+
+
 def read_records(path):
     """(source "file:line", record) pairs from a JSON list or a JSONL file. A bad line of a JSONL file
     (malformed JSON, bytes that are not UTF-8) becomes a DataError in its place, so skip mode can skip it."""
@@ -309,8 +313,8 @@ def read_records(path):
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
     # One pass over the list's top-level items with the decoder: each record and the line it starts on.
-    decoder, records, ws = json.JSONDecoder(), [], " \t\r\n"
-    skip = lambda i: next((j for j in range(i, len(text)) if text[j] not in ws), len(text))
+    decoder, records = json.JSONDecoder(), []
+    skip = lambda i: JSON_SPACE.match(text, i).end()
     try:
         pos = skip(0)
         if text[pos:pos + 1] != "[":

@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on a GPU, on a CPU whichever its matmuls measure faster")
+                   help="auto: bf16 on a GPU; on a CPU whichever decodes faster, by timing matrix-vector "
+                        "products at this model's shapes")
     p.add_argument("--experts", type=int, default=None, help="active experts per token (MoE)")
     p.add_argument("--keep-experts", default=None, metavar="I,J,...",
                    help="MoE: route only to these experts in every layer (paper App. A.1.3's pruning)")
