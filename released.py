@@ -39,11 +39,10 @@ import torch
 import model as M
 from checkpoint import CheckpointError, current_umask, load_state_strict, map_name, unique_state_dict
 from vision import (CLIP_LAYOUTS, CONVNEXT_LAYOUTS, QFORMER_LAYOUT, QFORMER_UNUSED, VIT_CONFIGS, VIT_LAYOUTS,
-                    QFormerConfig, _merge_q_v_bias, layout_rules)
+                    QFormerConfig, layout_rules, merge_q_v_bias, with_batch_dim)
 
 SHARD_NAME = re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model\.pth$")
 SUPPORTED = {"llama_ens5_light", "mixtral_sparse_ens5"}
-LLM_ONLY = SUPPORTED                      # load_released_llm reads their LLM alone
 # mixtral_sparse_ens5.py's MoE: w1 w2 w3 without ".weight", each (E * H, dim), expert e owning rows
 # e*H .. (e+1)*H; w1 and w3 are used as x @ w.T, w2 untransposed (h @ w2_e); a model-parallel shard
 # holds a slice of every expert's rows (_sparse_expert_merge).
@@ -173,12 +172,9 @@ def to_our_names(named, cfg: M.ModelConfig):
     """Reference names -> ours (with expert slots None); wq / wk rows permuted to our RoPE layout; unused
     text-side tensors skipped; older Blip2 q_bias / v_bias merged into one qkv bias."""
     rules = _rules()
-    for name, t in _merge_q_v_bias(named):
+    for name, t in merge_q_v_bias(named):
         if UNUSED.match(name) or (name.startswith("qformer.") and QFORMER_UNUSED.match(name[len("qformer."):])):
             continue
-        if name in ("clip.visual.class_embedding", "clip.visual.positional_embedding"):
-            t = t.reshape(1, -1, t.shape[-1])                  # ours keep a batch dim
-
         if LLM_PART.match(name):
             heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}.get(name.split(".", 2)[-1])
             if heads and t.shape == (heads * cfg.head_dim, cfg.dim):      # a wrong shape is reported below
@@ -194,7 +190,10 @@ def to_our_names(named, cfg: M.ModelConfig):
         else:
             prefix = next((p for p in rules if name.startswith(p)), None)
             target = map_name(name[len(prefix):], rules[prefix][1]) if prefix else None
-            yield ((rules[prefix][0] + target[0], None) if target else None), name, t
+            if target is None:
+                yield None, name, t                                  # reported as unexpected
+            else:
+                yield (rules[prefix][0] + target[0], None), name, with_batch_dim(target[0], t)
 
 
 def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=torch.float32,
@@ -241,8 +240,8 @@ def load_released_llm(path, device="cpu", dtype=torch.float32) -> M.Transformer:
     the vision side is left out (SPHINX-MoE's extra encoders are not built here yet)."""
     path = Path(path)
     llama_type = _read_json(path / "meta.json").get("llama_type")
-    if llama_type not in LLM_ONLY:
-        raise CheckpointError(f"{path}: llama_type {llama_type!r} is not supported (supported: {sorted(LLM_ONLY)})")
+    if llama_type not in SUPPORTED:
+        raise CheckpointError(f"{path}: llama_type {llama_type!r} is not supported (supported: {sorted(SUPPORTED)})")
     cfg = llm_config(_read_json(path / "config.json"))
     with torch.device("meta"):
         llm = M.Transformer(cfg)

@@ -300,6 +300,11 @@ def _merge_hf_qkv(named, tag=".attention.attention.{}.", merged=".attention.qkv.
             yield f"{base}{tag.format(w)}{p}", t
 
 
+def with_batch_dim(name: str, t: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP keeps its cls token (d,) and positions (T, d) without the batch dim ours have."""
+    return t.reshape(1, -1, t.shape[-1]) if name in ("cls_token", "pos_embed") and t.dim() < 3 else t
+
+
 def layout_rules(layout, reverse: bool = False):
     """Compiled renaming rules of a layout table, source -> ours (reverse: ours -> source).
     {p} stands for weight or bias; the other fields are integer indices."""
@@ -331,10 +336,7 @@ def load_encoder(module: nn.Module, path, dtype=torch.float32, device="cpu") -> 
     def rename(name):
         return map_name(name, rules)
 
-    def reshape(name, t):           # CLIP keeps its cls token (d,) and positions (T, d) without a batch dim
-        if name in ("cls_token", "pos_embed") and t.dim() < 3:
-            t = t.reshape(1, -1, t.shape[-1])
-        return [(name, t)]
+    reshape = lambda name, t: [(name, with_batch_dim(name, t))]
 
     named = ((n, t) for n, t in ((_strip(n), t) for n, t in iter_safetensors(files)) if not (is_clip and n in CLIP_UNUSED))
     if is_vit and layout == "hf":
@@ -437,7 +439,7 @@ QFORMER_LAYOUT = [
 QFORMER_UNUSED = re.compile(r"^(language_model\.|language_projection\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)")
 
 
-def _merge_q_v_bias(named):
+def merge_q_v_bias(named):
     """Older Blip2 files: self_attn.q_bias and v_bias -> one qkv.bias with a zero key part."""
     held = {}
     for name, t in named:
@@ -466,7 +468,7 @@ def load_qformer(module: QFormer, path, dtype=torch.float32, device="cpu") -> QF
     with safe_open(str(files[0]), framework="pt") as f:
         nested = any(k.startswith("qformer.qformer.") or k.startswith("qformer.query_tokens") for k in f.keys())
     named = ((n.removeprefix("qformer.") if nested else n, t) for n, t in iter_safetensors(files))
-    named = ((n, t) for n, t in _merge_q_v_bias(named) if not QFORMER_UNUSED.match(n))
+    named = ((n, t) for n, t in merge_q_v_bias(named) if not QFORMER_UNUSED.match(n))
     return load_state_strict(module, named, lambda n: map_name(n, rules), dtype=dtype, device=device,
                              where=f"{path} (BLIP-2 layout)")
 
