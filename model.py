@@ -24,7 +24,7 @@ from checkpoint import (CheckpointError, compile_rules, config_from_json, iter_s
                         map_name, read_safetensors_metadata, retie, safetensors_files, save_safetensors_atomic,
                         tie_pairs, unique_state_dict, verify_safetensors)
 from data import IGNORE_INDEX      # the targets' "no loss here" label (image, prompt and padding positions)
-from moe import MoEFeedForward
+from moe import ExpertPathChooser, MoEFeedForward
 from parallel import copy_to_tp, cross_entropy_sum, reduce_from_tp, shard, tp_slice, vocab_parallel_embedding
 from tiling import ImageLayout, Tiles
 from vision import (CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, QFormerConfig, ViTConfig,
@@ -233,13 +233,14 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm block. Under TP, attention and FFN return partial sums: f before, g after (Megatron)."""
 
-    def __init__(self, cfg: ModelConfig, tp_size: int = 1):
+    def __init__(self, cfg: ModelConfig, tp_size: int = 1, chooser: ExpertPathChooser | None = None):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, tp_size)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.n_experts:
-            self.feed_forward = MoEFeedForward(cfg.dim, cfg.ffn_dim // tp_size, cfg.n_experts, cfg.top_k)
+            self.feed_forward = MoEFeedForward(cfg.dim, cfg.ffn_dim // tp_size, cfg.n_experts, cfg.top_k,
+                                               chooser)
         else:
             self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim // tp_size)
 
@@ -261,7 +262,8 @@ class Transformer(nn.Module):
                              f"kv heads {cfg.n_kv_heads} and ffn {cfg.ffn_dim}")
         # Under TP: vocab rows, heads and FFN hidden units are split over the ranks.
         self.tok_embeddings = nn.Embedding(cfg.vocab_size // tp, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, tp) for _ in range(cfg.n_layers))
+        chooser = ExpertPathChooser() if cfg.n_experts else None     # MoE: one timing per shape for all layers
+        self.layers = nn.ModuleList(Block(cfg, tp, chooser) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size // tp, bias=False)
         self.activation_checkpointing = False

@@ -10,8 +10,18 @@ The experts' weights are stacked per layer, w1/w3: (E, hidden, d), w2: (E, d, hi
 so one grouped GEMM covers every expert. Under tensor parallelism each expert is
 sharded along `hidden` (w1/w3 rows, w2 columns): the layer then returns a partial sum
 that the caller all-reduces, exactly like the dense FFN.
+
+The SwiGLU experts are one autograd Function over two primitives, a grouped matmul and
+a grouped weight gradient, with four implementations ("paths"): Triton kernels (GPU),
+torch._grouped_mm, a per-expert loop, and a bmm over rows padded to the busiest expert.
+Which CPU path is fastest depends on the shape (the loop skips idle experts; the padded
+bmm keeps every core busy when each expert has a handful of rows) and on the CPU, so
+`ExpertPathChooser` times them once per shape bucket and remembers (like
+cudnn.benchmark; the choice, and so the last bits of the result, can differ between runs).
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn as nn
@@ -42,15 +52,9 @@ def group_by_expert(top_idx: torch.Tensor, n_experts: int):
     return order, counts, counts.cumsum(0)
 
 
-def grouped_swiglu_torch(x, w1, w3, w2, offsets):
-    """CPU path and reference. x: (M, d) rows grouped by expert; offsets: (E,) end of each group."""
-    offs = offsets.to(torch.int32)
-    h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(x, w3.transpose(1, 2), offs=offs)
-    return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
-
-
-def grouped_swiglu_loop(x, w1, w3, w2, offsets):
-    """The same, one expert at a time: the plainest statement of what the kernels compute."""
+def swiglu_reference(x, w1, w3, w2, offsets):
+    """One expert at a time through autograd: the plainest statement of what every path computes.
+    x: (M, d) rows grouped by expert; offsets: (E,) end of each expert's rows."""
     out, start = [], 0
     for e, end in enumerate(offsets.tolist()):
         xe = x[start:end]
@@ -148,83 +152,223 @@ def _tile_table(offsets: torch.Tensor, M: int, block_m: int):
     return torch.where(e < E, e, -1).to(torch.int32), row.to(torch.int32)
 
 
-def grouped_mm(a, b_stack, offsets, table, out=None, transpose_b=False):
-    """a (M, K) grouped rows @ per-expert b_stack[e] (K, N), or b_stack[e]^T if transpose_b."""
-    tiles = tile_sizes(a.device)
-    be, bk, bn = b_stack.stride()
-    if transpose_b:
-        bk, bn = bn, bk
-    N = b_stack.shape[1] if transpose_b else b_stack.shape[2]
-    accumulate = out is not None
-    if out is None:
-        out = a.new_empty(a.shape[0], N)
-    tile_expert, tile_row = table
-    grid = (tile_expert.numel(), triton.cdiv(N, tiles["BLOCK_N"]))
-    _grouped_mm[grid](a, b_stack, out, tile_expert, tile_row, offsets, N, a.shape[1],
-                      a.stride(0), a.stride(1), be, bk, bn, out.stride(0), out.stride(1),
-                      ACCUMULATE=accumulate, FP32_IEEE=a.dtype == torch.float32, **tiles)
-    return out
-
-
-def grouped_wgrad(a, b, offsets, n_experts):
-    """Per expert: a[rows]^T @ b[rows] -> (E, P, Q)."""
-    P, Q = a.shape[1], b.shape[1]
-    out = a.new_empty(n_experts, P, Q)
-    t = tile_sizes(a.device)
-    launch = {k: v for k, v in t.items() if k.startswith("num_")}
-    grid = (n_experts, triton.cdiv(P, t["BLOCK_M"]) * triton.cdiv(Q, t["BLOCK_N"]))
-    _grouped_wgrad[grid](a, b, out, offsets, P, Q, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                         out.stride(0), out.stride(1), out.stride(2), FP32_IEEE=a.dtype == torch.float32,
-                         BLOCK_P=t["BLOCK_M"], BLOCK_Q=t["BLOCK_N"], BLOCK_M=t["BLOCK_K"], **launch)
-    return out
-
-
-class GroupedSwiGLU(torch.autograd.Function):
-    """y = (silu(x W1[e]^T) * (x W3[e]^T)) W2[e]^T for the rows of each expert e, with Triton."""
+class TritonPath:
+    """The two Triton kernels; the plan is the tile table (no host sync, so CUDA graphs stay possible)."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, offsets):
+    def plan(offsets, M):
         offsets = offsets.to(torch.int32)
-        table = _tile_table(offsets, x.shape[0], tile_sizes(x.device)["BLOCK_M"])
-        h1 = grouped_mm(x, w1, offsets, table, transpose_b=True)
-        h3 = grouped_mm(x, w3, offsets, table, transpose_b=True)
-        h = F.silu(h1) * h3
-        ctx.save_for_backward(x, w1, w3, w2, offsets, h1, h3, *table)
-        return grouped_mm(h, w2, offsets, table, transpose_b=True)
+        return offsets, _tile_table(offsets, M, tile_sizes(offsets.device)["BLOCK_M"])
+
+    @staticmethod
+    def mm(a, w, plan, transpose_b=False, out=None):
+        """a (M, K) grouped rows @ per-expert w[e] (K, N), or w[e]^T if transpose_b; into `out` if given."""
+        offsets, (tile_expert, tile_row) = plan
+        a, tiles = a.contiguous(), tile_sizes(a.device)
+        be, bk, bn = w.stride()
+        if transpose_b:
+            bk, bn = bn, bk
+        N = w.shape[1] if transpose_b else w.shape[2]
+        accumulate = out is not None
+        if out is None:
+            out = a.new_empty(a.shape[0], N)
+        grid = (tile_expert.numel(), triton.cdiv(N, tiles["BLOCK_N"]))
+        _grouped_mm[grid](a, w, out, tile_expert, tile_row, offsets, N, a.shape[1],
+                          a.stride(0), a.stride(1), be, bk, bn, out.stride(0), out.stride(1),
+                          ACCUMULATE=accumulate, FP32_IEEE=a.dtype == torch.float32, **tiles)
+        return out
+
+    @staticmethod
+    def wgrad(a, b, plan, n_experts):
+        """Per expert: a[rows]^T @ b[rows] -> (E, P, Q)."""
+        offsets = plan[0]
+        P, Q = a.shape[1], b.shape[1]
+        out = a.new_empty(n_experts, P, Q)
+        t = tile_sizes(a.device)
+        launch = {k: v for k, v in t.items() if k.startswith("num_")}
+        grid = (n_experts, triton.cdiv(P, t["BLOCK_M"]) * triton.cdiv(Q, t["BLOCK_N"]))
+        _grouped_wgrad[grid](a, b, out, offsets, P, Q, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                             out.stride(0), out.stride(1), out.stride(2), FP32_IEEE=a.dtype == torch.float32,
+                             BLOCK_P=t["BLOCK_M"], BLOCK_Q=t["BLOCK_N"], BLOCK_M=t["BLOCK_K"], **launch)
+        return out
+
+
+# ----------------------------------------------------------------------------- the CPU paths
+#
+# The same two primitives three ways. On a CPU a GEMM with a few rows runs on one core (BLAS does
+# not split it), so which path wins depends on the rows per expert: measured in bench/bench_moe.py.
+
+class GroupedPath:
+    """torch._grouped_mm: one call per primitive (needs rows 16-byte aligned: d, hidden % 4 in fp32)."""
+
+    @staticmethod
+    def plan(offsets, M):
+        return offsets.to(torch.int32)
+
+    @staticmethod
+    def mm(a, w, plan, transpose_b=False, out=None):
+        y = torch._grouped_mm(a, w.transpose(1, 2) if transpose_b else w, offs=plan)
+        return y if out is None else out.add_(y)
+
+    @staticmethod
+    def wgrad(a, b, plan, n_experts):
+        return torch._grouped_mm(a.T, b, offs=plan)          # offsets along K give (E, P, Q)
+
+
+class LoopPath:
+    """One torch.mm per expert that has rows: idle experts cost nothing (decoding: 2 of 8 busy)."""
+
+    @staticmethod
+    def plan(offsets, M):
+        ends = offsets.tolist()                             # host sync: the CPU paths only
+        return [(e, s, t) for e, (s, t) in enumerate(zip([0] + ends[:-1], ends)) if t > s]
+
+    @staticmethod
+    def mm(a, w, spans, transpose_b=False, out=None):
+        accumulate = out is not None
+        if out is None:
+            out = a.new_empty(a.shape[0], w.shape[1] if transpose_b else w.shape[2])
+        for e, s, t in spans:
+            we = w[e].T if transpose_b else w[e]
+            if accumulate:
+                out[s:t].addmm_(a[s:t], we)
+            else:
+                torch.mm(a[s:t], we, out=out[s:t])
+        return out
+
+    @staticmethod
+    def wgrad(a, b, spans, n_experts):
+        out = a.new_empty(n_experts, a.shape[1], b.shape[1])
+        busy = set()
+        for e, s, t in spans:
+            torch.mm(a[s:t].T, b[s:t], out=out[e])
+            busy.add(e)
+        for e in set(range(n_experts)) - busy:             # zeros only where nothing was written
+            out[e].zero_()
+        return out
+
+
+class PaddedPath:
+    """Each expert's rows padded with zeros to the busiest expert's count, then one bmm over experts,
+    which keeps every core busy. Zero rows add nothing to the weight gradients; the waste is the
+    padding, small when each expert has a handful of rows (short batches, 16 tokens)."""
+
+    @staticmethod
+    def plan(offsets, M):
+        counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+        width = int(counts.max()) if M else 0               # host sync: the CPU paths only
+        expert = torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts,
+                                         output_size=M)
+        slot = expert * width + torch.arange(M, device=offsets.device) - (offsets - counts)[expert]
+        return slot, counts.numel(), width
+
+    @staticmethod
+    def pad(a, plan):
+        slot, E, width = plan
+        return a.new_zeros(E * width, a.shape[1]).index_copy_(0, slot, a).view(E, width, a.shape[1])
+
+    @staticmethod
+    def mm(a, w, plan, transpose_b=False, out=None):
+        y = torch.bmm(PaddedPath.pad(a, plan), w.transpose(1, 2) if transpose_b else w).flatten(0, 1)[plan[0]]
+        return y if out is None else out.add_(y)
+
+    @staticmethod
+    def wgrad(a, b, plan, n_experts):
+        return torch.bmm(PaddedPath.pad(a, plan).transpose(1, 2), PaddedPath.pad(b, plan))
+
+
+PATHS = {"triton": TritonPath, "grouped": GroupedPath, "loop": LoopPath, "padded": PaddedPath}
+
+
+# ----------------------------------------------------------------------------- SwiGLU experts
+
+def swiglu_forward(path, x, w1, w3, w2, offsets):
+    """y = (silu(x W1[e]^T) * (x W3[e]^T)) W2[e]^T for the rows of each expert e; also what backward needs."""
+    plan = path.plan(offsets, x.shape[0])
+    h1 = path.mm(x, w1, plan, transpose_b=True)
+    h3 = path.mm(x, w3, plan, transpose_b=True)
+    return path.mm(F.silu(h1) * h3, w2, plan, transpose_b=True), (plan, h1, h3)
+
+
+def swiglu_backward(path, dy, x, w1, w3, w2, plan, h1, h3):
+    E = w1.shape[0]
+    silu = F.silu(h1)
+    dh = path.mm(dy, w2, plan)                                  # (M, hidden) = dy @ W2[e]
+    dh1 = torch.ops.aten.silu_backward(dh * h3, h1)             # one fused pass for silu'(h1), not six
+    dh3 = dh * silu
+    dx = path.mm(dh1, w1, plan)                                 # dh1 @ W1[e]
+    dx = path.mm(dh3, w3, plan, out=dx)                         # + dh3 @ W3[e]
+    dw1 = path.wgrad(dh1, x, plan, E)                           # (E, hidden, d)
+    dw3 = path.wgrad(dh3, x, plan, E)
+    dw2 = path.wgrad(dy, silu * h3, plan, E)                    # (E, d, hidden)
+    return dx, dw1, dw3, dw2
+
+
+class SwiGLUExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, offsets, path):
+        y, (plan, h1, h3) = swiglu_forward(path, x, w1, w3, w2, offsets)
+        ctx.path, ctx.plan = path, plan                         # plan: small index tensors or a list
+        ctx.save_for_backward(x, w1, w3, w2, h1, h3)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w1, w3, w2, offsets, h1, h3, *table = ctx.saved_tensors
-        dy = dy.contiguous()
-        E = w1.shape[0]
-        s = torch.sigmoid(h1)
-        silu = h1 * s
-        dh = grouped_mm(dy, w2, offsets, table)                       # (M, hidden) = dy @ W2[e]
-        dh1 = dh * h3 * s * (1 + h1 * (1 - s))                        # silu'(z) = s (1 + z (1 - s))
-        dh3 = dh * silu
-        dx = grouped_mm(dh1, w1, offsets, table)                      # dh1 @ W1[e]
-        dx = grouped_mm(dh3, w3, offsets, table, out=dx)              # + dh3 @ W3[e]
-        dw1 = grouped_wgrad(dh1, x, offsets, E)                       # (E, hidden, d)
-        dw3 = grouped_wgrad(dh3, x, offsets, E)
-        dw2 = grouped_wgrad(dy, silu * h3, offsets, E)                # (E, d, hidden)
-        return dx, dw1, dw3, dw2, None
+        x, w1, w3, w2, h1, h3 = ctx.saved_tensors
+        return *swiglu_backward(ctx.path, dy.contiguous(), x, w1, w3, w2, ctx.plan, h1, h3), None, None
 
 
-def grouped_swiglu_triton(x, w1, w3, w2, offsets):
-    return GroupedSwiGLU.apply(x.contiguous(), w1, w3, w2, offsets)
+def swiglu_experts(x, w1, w3, w2, offsets, path: str):
+    """The SwiGLU experts on rows grouped by expert, by one of PATHS or "reference"."""
+    if path == "reference":
+        return swiglu_reference(x, w1, w3, w2, offsets)
+    return SwiGLUExperts.apply(x, w1, w3, w2, offsets, PATHS[path])
 
 
-def grouped_swiglu(x, w1, w3, w2, offsets, backend: str = "auto"):
-    """Dispatch: Triton on CUDA, torch._grouped_mm on CPU; tests force "triton" under TRITON_INTERPRET=1."""
-    if backend == "triton" or (backend == "auto" and x.is_cuda):
-        return grouped_swiglu_triton(x, w1, w3, w2, offsets)
-    if backend == "loop":
-        return grouped_swiglu_loop(x, w1, w3, w2, offsets)
-    return grouped_swiglu_torch(x, w1, w3, w2, offsets)
+class ExpertPathChooser:
+    """The fastest CPU path per shape bucket (rows rounded up to a power of two, weight shapes, dtype,
+    with or without gradients), timed once on the first input of that bucket and remembered. One
+    chooser serves every MoE layer of a model; the timings stay readable in `timings`."""
+
+    CANDIDATES = ("grouped", "loop", "padded")
+
+    def __init__(self, repeat: int = 2):
+        self.repeat = repeat
+        self.best: dict[tuple, str] = {}
+        self.timings: dict[tuple, dict[str, float]] = {}
+
+    def __call__(self, x, w1, w3, w2, offsets) -> str:
+        grads = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad)
+        key = (1 << max(x.shape[0] - 1, 0).bit_length(), tuple(w1.shape), tuple(w2.shape), x.dtype, grads)
+        if key not in self.best:
+            self.timings[key] = {name: self.seconds(PATHS[name], grads, x, w1, w3, w2, offsets)
+                                 for name in self.CANDIDATES}
+            self.best[key] = min(self.timings[key], key=self.timings[key].get)
+        return self.best[key]
+
+    def seconds(self, path, grads, x, w1, w3, w2, offsets) -> float:
+        """Best of `repeat` after one warm-up; forward and backward are called directly (no autograd
+        graph, so this also works inside activation checkpointing). inf if the path cannot run."""
+        def run():
+            with torch.no_grad():
+                y, saved = swiglu_forward(path, x, w1, w3, w2, offsets)
+                if grads:
+                    swiglu_backward(path, y, x, w1, w3, w2, *saved)
+        try:
+            run()
+        except RuntimeError:                                    # e.g. _grouped_mm's alignment rule
+            return float("inf")
+        return min(_seconds(run) for _ in range(self.repeat))
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 class MoEFeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int):
+    def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int, chooser: ExpertPathChooser | None = None):
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
         self.gate = nn.Linear(dim, n_experts, bias=False)          # the router, replicated under TP
@@ -234,7 +378,8 @@ class MoEFeedForward(nn.Module):
         self.kept_experts: torch.Tensor | None = None               # pruning mask (E,) bool
         self.aux_loss: torch.Tensor | None = None                   # load-balancing loss of the last training forward
         self.usage: torch.Tensor | None = None                      # per-expert token counts when tracking
-        self.backend = "auto"                                       # "auto" | "torch" | "triton" | "loop"
+        self.path = "auto"                  # or one of PATHS / "reference"; auto: Triton on GPU, else timed
+        self.chooser = chooser or ExpertPathChooser()               # shared by a model's MoE layers
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):
@@ -268,8 +413,11 @@ class MoEFeedForward(nn.Module):
         if self.usage is not None:
             self.usage += counts.to(self.usage.device)
         token = order // self.top_k
-        y = grouped_swiglu(x[token], self.w1, self.w3, self.w2, offsets, self.backend)
-        y = y * top_w.flatten()[order, None].to(y.dtype)
+        rows, path = x.index_select(0, token), self.path        # backward: index_add_, ~5x faster than x[token]'s
+        if path == "auto":
+            path = "triton" if rows.is_cuda else self.chooser(rows, self.w1, self.w3, self.w2, offsets)
+        y = swiglu_experts(rows, self.w1, self.w3, self.w2, offsets, path)
+        y = y * top_w.flatten().index_select(0, order)[:, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y).view(shape)
 
 

@@ -1,10 +1,14 @@
 """One MoE layer, forward + backward on CPU: ours vs transformers' Mixtral sparse block vs a naive loop.
 
-    python bench/bench_moe.py           # 8 experts, top-2, d=512, ffn=1024; 4096 and 16 tokens; fp32
+    python bench/bench_moe.py           # 8 experts, top-2, d=512, ffn=1024; 4096, 16 and 1 tokens; fp32
+
+"ours (auto)" is what a model runs: moe.ExpertPathChooser's pick for the shape, timed once before the
+measurement (the pick is printed); the "ours, path=..." rows show every CPU path it chose from.
+Implementations are measured in turn, round after round, and each row is its median.
 """
 import argparse
 
-from common import copy_bandwidth, keep_freed_memory, machine, matmul_peak_flops, table, timeit
+from common import copy_bandwidth, interleaved, keep_freed_memory, machine, matmul_peak_flops, table
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +22,7 @@ p.add_argument("--experts", type=int, default=8)
 p.add_argument("--top-k", type=int, default=2)
 p.add_argument("--dim", type=int, default=512)
 p.add_argument("--ffn", type=int, default=1024)
-p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16])
+p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16, 1])
 args = p.parse_args()
 keep_freed_memory()
 torch.manual_seed(0)
@@ -63,7 +67,12 @@ for impl in ("eager", "grouped_mm"):
     impls[{"eager": "transformers MixtralSparseMoeBlock(config) (eager loop)",
            "grouped_mm": "transformers, experts_implementation=grouped_mm"}[impl]] = hf
 impls["naive per-expert loop"] = NaiveLoop(ours)
-impls["ours (moe.py, CPU path)"] = ours
+impls["ours (auto)"] = ours
+for path in moe.ExpertPathChooser.CANDIDATES:
+    fixed = moe.MoEFeedForward(d, H, E, k)
+    fixed.load_state_dict(ours.state_dict())
+    fixed.path = path
+    impls[f"ours, path={path}"] = fixed
 
 peak = matmul_peak_flops()
 bw = copy_bandwidth()
@@ -76,23 +85,25 @@ for n in args.tokens:
     outs = {name: m(x) for name, m in impls.items()}
     for name, y in outs.items():
         assert torch.allclose(y, outs[ref_name], atol=1e-5), name
-    res = {}
-    reps = 5 if n > 256 else 50
-    for name, m in impls.items():
-        xg = x.clone().requires_grad_()
-        g = torch.randn_like(x)
+    rounds = 5 if n > 256 else 40
+    xg, g = x.clone().requires_grad_(), torch.randn_like(x)
 
-        def fwd_bwd():
-            m.zero_grad(set_to_none=True)
-            xg.grad = None
-            m(xg).backward(g)
+    def fwd(m):
+        with torch.no_grad():
+            m(x)
 
-        def fwd():
-            with torch.no_grad():
-                m(x)
-        res[name] = (timeit(fwd, repeat=reps), timeit(fwd_bwd, repeat=reps))
+    def fwd_bwd(m):
+        m.zero_grad(set_to_none=True)
+        xg.grad = None
+        m(xg).backward(g)
+    fwd(ours), fwd_bwd(ours)                     # the chooser times its candidates for both buckets here
+    bucket = 1 << max(n * k - 1, 0).bit_length()
+    picks = {grads: path for (rows, *_, grads), path in ours.chooser.best.items() if rows == bucket}
+    t_f = interleaved({name: (lambda m=m: fwd(m)) for name, m in impls.items()}, rounds)
+    t_fb = interleaved({name: (lambda m=m: fwd_bwd(m)) for name, m in impls.items()}, rounds)
+    res = {name: (t_f[name], t_fb[name]) for name in impls}
     flops = 3 * 3 * 2 * n * k * d * H                      # fwd+bwd = 3 x forward; forward = 3 matmuls
-    weight_bytes = 3 * E * d * H * 4                        # every expert's weights, read once
+    weight_bytes = 3 * min(E, n * k) * d * H * 4           # every busy expert's weights, read once
     t_ref_f, t_ref_fb = res[ref_name]
     t_gmm_f, t_gmm_fb = res[gmm_name]
     rows = []
@@ -100,6 +111,6 @@ for n in args.tokens:
         rows.append([name, f"{tf * 1e3:.2f}", f"{tfb * 1e3:.2f}", f"{t_ref_f / tf:.2f}x / {t_gmm_f / tf:.2f}x",
                      f"{t_ref_fb / tfb:.2f}x / {t_gmm_fb / tfb:.2f}x", f"{flops / tfb / peak:.0%}",
                      f"{weight_bytes / tf / bw:.0%}"])
-    print(f"\n{n} tokens ({n * k} expert rows):")
+    print(f"\n{n} tokens ({n * k} expert rows); ours (auto) picked {picks[False]} for the forward, {picks[True]} for fwd+bwd:")
     print(table(rows, ["implementation", "fwd ms", "fwd+bwd ms", "fwd vs eager / grouped_mm",
                        "fwd+bwd vs eager / grouped_mm", "fwd+bwd % of matmul peak", "fwd weight-read % of copy bw"]))

@@ -37,6 +37,21 @@ def timeit(fn, warmup: int = 2, repeat: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """Median seconds of each fn, measured in turn round after round: the machine's slow spells
+    (this VM drifts by 10% within a minute) fall on every implementation alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def matmul_peak_flops(dtype=torch.float32) -> float:
     """FLOP/s of a 2048^3 matmul on the CPU: the peak MFU is measured against, the same statistic the
     training run's MFU uses."""

@@ -1,4 +1,5 @@
-"""moe.py: routing, the Triton grouped-GEMM kernel (interpreter) against a plain loop, Mixtral parity."""
+"""moe.py: routing, every expert path (Triton under the interpreter, the CPU paths) against a float64 loop,
+the path chooser, Mixtral parity."""
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 def _reference(x, w1, w3, w2, offsets, grad):
     """Float64 per-expert loop: forward and all four gradients."""
     leaves = [t.detach().double().requires_grad_() for t in (x, w1, w3, w2)]
-    y = moe.grouped_swiglu_loop(*leaves, offsets)
+    y = moe.swiglu_reference(*leaves, offsets)
     y.backward(grad.double())
     return y.detach(), [t.grad for t in leaves]
 
@@ -25,9 +26,13 @@ KERNEL_CASES = [  # (experts, tokens per expert, d, hidden): zero-token experts,
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+PATH_DTYPES = [("triton", torch.float32), ("triton", torch.float16)] + [
+    (p, dt) for p in ("grouped", "loop", "padded") for dt in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("path,dtype", PATH_DTYPES)
 @pytest.mark.parametrize("E,counts,d,hidden", KERNEL_CASES)
-def test_triton_kernel_matches_loop(dtype, E, counts, d, hidden):
+def test_every_path_matches_float64_loop(path, dtype, E, counts, d, hidden):
     g = torch.Generator().manual_seed(E * 100 + d)
     if counts == "random":
         counts = torch.randint(0, 40, (E,), generator=g)
@@ -38,12 +43,16 @@ def test_triton_kernel_matches_loop(dtype, E, counts, d, hidden):
     x = torch.randn(M_, d, generator=g).to(dtype).requires_grad_()
     ws = [(0.2 * torch.randn(*shape, generator=g)).to(dtype).requires_grad_()
           for shape in ((E, hidden, d), (E, hidden, d), (E, d, hidden))]
-    y = moe.grouped_swiglu_triton(x, *ws, offsets)
     grad = torch.randn(M_, d, generator=g).to(dtype)
+    if path == "grouped" and (d * x.element_size()) % 16:
+        with pytest.raises(RuntimeError, match="16 bytes"):    # _grouped_mm's rule; the chooser skips it
+            moe.swiglu_experts(x, *ws, offsets, path)
+        return
+    y = moe.swiglu_experts(x, *ws, offsets, path)
     y.backward(grad)
     y_ref, grads_ref = _reference(x, *ws, offsets, grad)
-    # fp32: tight. fp16: inputs and stored intermediates are rounded to fp16 (accumulation stays fp32).
-    rel = 2e-6 if dtype == torch.float32 else 1e-2
+    # fp32: tight. fp16/bf16: inputs and stored intermediates are rounded (8 / 11 significant bits).
+    rel = {torch.float32: 2e-6, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
     for name, got, ref in [("y", y, y_ref), *zip(("dx", "dw1", "dw3", "dw2"), (x.grad, *(w.grad for w in ws)), grads_ref)]:
         assert got.dtype == dtype
         err = (got.double() - ref).abs().max().item()
@@ -51,6 +60,44 @@ def test_triton_kernel_matches_loop(dtype, E, counts, d, hidden):
     # experts with no tokens get exactly zero weight gradients
     for e in torch.nonzero(counts == 0).flatten().tolist():
         assert all(w.grad[e].abs().max() == 0 for w in ws)
+
+
+def test_chooser_takes_the_fastest_per_bucket_and_remembers(monkeypatch):
+    E, d, hidden = 4, 36, 20        # d * 4 bytes = 144: aligned; hidden 20 * 4 = 80 also
+    torch.manual_seed(0)
+    ws = [torch.randn(*s, requires_grad=True) for s in ((E, hidden, d), (E, hidden, d), (E, d, hidden))]
+    offsets = torch.tensor([3, 3, 9, 12])
+    x = torch.randn(12, d)
+    fake = {"grouped": 3.0, "loop": 1.0, "padded": 2.0}        # seconds each path "takes"
+    timed = []
+
+    def seconds(self, path, grads, *args):
+        name = next(n for n, p in moe.PATHS.items() if p is path)
+        timed.append((name, grads))
+        return fake[name]
+    monkeypatch.setattr(moe.ExpertPathChooser, "seconds", seconds)
+    chooser = moe.ExpertPathChooser()
+    assert chooser(x, *ws, offsets) == "loop"
+    assert chooser(x[:9], *ws, torch.tensor([3, 3, 9, 9])) == "loop" and len(timed) == 3   # 9 and 12 rows: bucket 16
+    fake["loop"] = 9.0
+    with torch.no_grad():                                   # no gradients: its own bucket, timed anew
+        assert chooser(x, *ws, offsets) == "padded"
+    assert [g for _, g in timed] == [True] * 3 + [False] * 3
+    assert chooser(x[:3], *ws, torch.tensor([3, 3, 3, 3])) == "padded"     # 3 rows: bucket 4, new
+
+
+def test_chooser_times_real_paths_without_side_effects():
+    E, d, hidden = 4, 33, 20        # d = 33: _grouped_mm cannot run, so it must come out inf
+    torch.manual_seed(0)
+    ws = [torch.randn(*s, requires_grad=True) for s in ((E, hidden, d), (E, hidden, d), (E, d, hidden))]
+    x, offsets = torch.randn(10, d), torch.tensor([2, 5, 5, 10])
+    rng = torch.get_rng_state()
+    chooser = moe.ExpertPathChooser()
+    best = chooser(x, *ws, offsets)
+    (timings,) = chooser.timings.values()
+    assert timings["grouped"] == float("inf") and best in ("loop", "padded")
+    assert 0 < timings[best] == min(timings.values()) < 1
+    assert torch.equal(torch.get_rng_state(), rng) and all(w.grad is None for w in ws)
 
 
 def test_tile_table_skips_empty_experts():
@@ -114,10 +161,10 @@ def _hf_block_and_ours(E=4, k=2, d=32, hidden=48, seed=0):
     return ref, ours
 
 
-@pytest.mark.parametrize("backend", ["torch", "loop", "triton"])
-def test_layer_matches_transformers_block(backend):
+@pytest.mark.parametrize("path", ["auto", "grouped", "loop", "padded", "triton", "reference"])
+def test_layer_matches_transformers_block(path):
     ref, ours = _hf_block_and_ours()
-    ours.backend = backend
+    ours.path = path
     x = torch.randn(2, 9, 32)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ref, y = ref(x1), ours(x2)
