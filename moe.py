@@ -331,9 +331,9 @@ class ExpertPathChooser:
     chooser serves every MoE layer of a model; the timings stay readable in `timings`."""
 
     CANDIDATES = ("grouped", "loop", "padded")
+    BUDGET = 0.1            # seconds of timing per bucket beyond the warm-up: ~50 rounds at decode sizes, 2 at 4k tokens
 
-    def __init__(self, repeat: int = 2):
-        self.repeat = repeat
+    def __init__(self):
         self.best: dict[tuple, str] = {}
         self.timings: dict[tuple, dict[str, float]] = {}
 
@@ -341,24 +341,35 @@ class ExpertPathChooser:
         grads = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad)
         key = (1 << max(x.shape[0] - 1, 0).bit_length(), tuple(w1.shape), tuple(w2.shape), x.dtype, grads)
         if key not in self.best:
-            self.timings[key] = {name: self.seconds(PATHS[name], grads, x, w1, w3, w2, offsets)
-                                 for name in self.CANDIDATES}
+            self.timings[key] = self.time_paths(grads, x, w1, w3, w2, offsets)
             self.best[key] = min(self.timings[key], key=self.timings[key].get)
         return self.best[key]
 
-    def seconds(self, path, grads, x, w1, w3, w2, offsets) -> float:
-        """Best of `repeat` after one warm-up; forward and backward are called directly (no autograd
-        graph, so this also works inside activation checkpointing). inf if the path cannot run."""
-        def run():
-            with torch.no_grad():
-                y, saved = swiglu_forward(path, x, w1, w3, w2, offsets)
-                if grads:
-                    swiglu_backward(path, y, x, w1, w3, w2, *saved)
-        try:
-            run()
-        except RuntimeError:                                    # e.g. _grouped_mm's alignment rule
-            return float("inf")
-        return min(_seconds(run) for _ in range(self.repeat))
+    def time_paths(self, grads, x, w1, w3, w2, offsets) -> dict[str, float]:
+        """Best seconds of each candidate, measured in turn round after round (so a slow spell of the
+        machine falls on all alike); inf for a path that cannot run these shapes. Forward and backward
+        are called directly, with no autograd graph, so this also works inside activation checkpointing."""
+        def runner(path):
+            def run():
+                with torch.no_grad():
+                    y, saved = swiglu_forward(path, x, w1, w3, w2, offsets)
+                    if grads:
+                        swiglu_backward(path, y, x, w1, w3, w2, *saved)
+            return run
+        runs, warm_up = {}, {}
+        for name in self.CANDIDATES:
+            run = runner(PATHS[name])
+            try:
+                warm_up[name] = _seconds(run)
+                runs[name] = run
+            except RuntimeError:                                # e.g. _grouped_mm's alignment rule
+                pass
+        rounds = min(max(int(self.BUDGET / max(sum(warm_up.values()), 1e-9)), 2), 50)
+        best = dict.fromkeys(self.CANDIDATES, float("inf"))
+        for _ in range(rounds):
+            for name, run in runs.items():
+                best[name] = min(best[name], _seconds(run))
+        return best
 
 
 def _seconds(fn) -> float:

@@ -1,6 +1,7 @@
 """One MoE layer, forward + backward on CPU: ours vs transformers' Mixtral sparse block vs a naive loop.
 
-    python bench/bench_moe.py           # 8 experts, top-2, d=512, ffn=1024; 4096, 16 and 1 tokens; fp32
+    python bench/bench_moe.py                  # 8 experts, top-2, d=512, ffn=1024; 4096, 16 and 1 tokens; fp32
+    python bench/bench_moe.py --dtype bf16     # every implementation's weights and inputs in bf16
 
 "ours (auto)" is what a model runs: moe.ExpertPathChooser's pick for the shape, timed once before the
 measurement (the pick is printed); the "ours, path=..." rows show every CPU path it chose from.
@@ -23,6 +24,7 @@ p.add_argument("--top-k", type=int, default=2)
 p.add_argument("--dim", type=int, default=512)
 p.add_argument("--ffn", type=int, default=1024)
 p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16, 1])
+p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
 args = p.parse_args()
 keep_freed_memory()
 torch.manual_seed(0)
@@ -44,7 +46,7 @@ class NaiveLoop(torch.nn.Module):
             tok, slot = torch.where(idx == e)
             h = x2[tok]
             y = (F.silu(h @ self.m.w1[e].T) * (h @ self.m.w3[e].T)) @ self.m.w2[e].T
-            out = out.index_add(0, tok, y * w[tok, slot, None])
+            out = out.index_add(0, tok, y * w[tok, slot, None].to(y.dtype))
         return out.view_as(x)
 
 
@@ -54,6 +56,7 @@ def make_hf(impl):
     return MixtralSparseMoeBlock(cfg)
 
 
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 ours = moe.MoEFeedForward(d, H, E, k)
 ours.init_weights(0.02)
 torch.nn.init.normal_(ours.gate.weight, std=0.02)
@@ -73,18 +76,20 @@ for path in moe.ExpertPathChooser.CANDIDATES:
     fixed.load_state_dict(ours.state_dict())
     fixed.path = path
     impls[f"ours, path={path}"] = fixed
+for m in impls.values():
+    m.to(dtype)
 
-peak = matmul_peak_flops()
+peak = matmul_peak_flops(dtype)
 bw = copy_bandwidth()
-print(f"MoE layer: {E} experts, top-{k}, d={d}, ffn={H}, fp32; {machine()}")
-print(f"fp32 matmul peak (2048^3): {peak / 1e9:.0f} GFLOP/s; memory copy bandwidth: {bw / 1e9:.1f} GB/s")
+print(f"MoE layer: {E} experts, top-{k}, d={d}, ffn={H}, {args.dtype}; {machine()}")
+print(f"{args.dtype} matmul peak (2048^3): {peak / 1e9:.0f} GFLOP/s; memory copy bandwidth: {bw / 1e9:.1f} GB/s")
 ref_name = "transformers MixtralSparseMoeBlock(config) (eager loop)"
 gmm_name = "transformers, experts_implementation=grouped_mm"
 for n in args.tokens:
-    x = torch.randn(1, n, d)
+    x = torch.randn(1, n, d, dtype=dtype)
     outs = {name: m(x) for name, m in impls.items()}
     for name, y in outs.items():
-        assert torch.allclose(y, outs[ref_name], atol=1e-5), name
+        assert torch.allclose(y, outs[ref_name], atol=1e-5 if dtype == torch.float32 else 2e-3), name
     rounds = 5 if n > 256 else 40
     xg, g = x.clone().requires_grad_(), torch.randn_like(x)
 
@@ -103,7 +108,7 @@ for n in args.tokens:
     t_fb = interleaved({name: (lambda m=m: fwd_bwd(m)) for name, m in impls.items()}, rounds)
     res = {name: (t_f[name], t_fb[name]) for name in impls}
     flops = 3 * 3 * 2 * n * k * d * H                      # fwd+bwd = 3 x forward; forward = 3 matmuls
-    weight_bytes = 3 * min(E, n * k) * d * H * 4           # every busy expert's weights, read once
+    weight_bytes = 3 * min(E, n * k) * d * H * x.element_size()   # every busy expert's weights, read once
     t_ref_f, t_ref_fb = res[ref_name]
     t_gmm_f, t_gmm_fb = res[gmm_name]
     rows = []

@@ -1,5 +1,6 @@
 """Shared measuring helpers: every bench prints ratios against references measured in the same run."""
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -38,14 +39,18 @@ def timeit(fn, warmup: int = 2, repeat: int = 5) -> float:
 
 
 def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
-    """Median seconds of each fn, measured in turn round after round: the machine's slow spells
-    (this VM drifts by 10% within a minute) fall on every implementation alike."""
+    """Median seconds of each fn, measured in turn round after round, in a fresh (seeded) order each
+    round: the machine's slow spells (this VM drifts by 10% within a minute) and what the previous
+    implementation left in the caches fall on every implementation alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(0)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
