@@ -261,7 +261,9 @@ class Transformer(nn.Module):
             raise ValueError(f"TP {tp} must divide vocab {cfg.vocab_size}, heads {cfg.n_heads}, "
                              f"kv heads {cfg.n_kv_heads} and ffn {cfg.ffn_dim}")
         # Under TP: vocab rows, heads and FFN hidden units are split over the ranks.
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size // tp, cfg.dim)
+        # _weight given: no init here (init_weights does it on real storage); normal_ on the meta
+        # device would import torch._dynamo, ~1.5 s of every start-up.
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size // tp, cfg.dim, _weight=torch.empty(cfg.vocab_size // tp, cfg.dim))
         chooser = ExpertPathChooser() if cfg.n_experts else None     # MoE: one timing per shape for all layers
         self.layers = nn.ModuleList(Block(cfg, tp, chooser) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
