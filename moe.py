@@ -239,11 +239,9 @@ class LoopPath:
     @staticmethod
     def wgrad(a, b, spans, n_experts):
         out = a.new_empty(n_experts, a.shape[1], b.shape[1])
-        busy = set()
         for e, s, t in spans:
             torch.mm(a[s:t].T, b[s:t], out=out[e])
-            busy.add(e)
-        for e in set(range(n_experts)) - busy:             # zeros only where nothing was written
+        for e in set(range(n_experts)) - {e for e, _, _ in spans}:    # zeros only where nothing was written
             out[e].zero_()
         return out
 
