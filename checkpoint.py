@@ -1,6 +1,6 @@
 """Safetensors checkpoints: strict loading, atomic saving, and key renaming by rules.
 
-Shared by model.py (LLMs) and vision.py (encoders) so neither imports the other.
+Shared by vision.py (encoders) and loading.py (LLMs, whole Sphinx checkpoints).
 Every loader reads one tensor at a time and reports every missing, unexpected or
 mis-shaped tensor by name in one CheckpointError.
 """

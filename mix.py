@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-import model as M
+import loading as L
 from checkpoint import CheckpointError
 
 
@@ -27,11 +27,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     try:
-        a, b = M.load_sphinx(args.a), M.load_sphinx(args.b)
-        mixed = M.mix_weights(a, b, args.beta)
+        a, b = L.load_sphinx(args.a), L.load_sphinx(args.b)
+        mixed = L.mix_weights(a, b, args.beta)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        M.save_sphinx(out, mixed, {"mixed_from": [str(args.a), str(args.b)], "beta": args.beta})
+        L.save_sphinx(out, mixed, {"mixed_from": [str(args.a), str(args.b)], "beta": args.beta})
         tok = Path(args.a).parent / "tokenizer.json"
         if tok.exists() and not (out.parent / "tokenizer.json").exists():
             shutil.copyfile(tok, out.parent / "tokenizer.json")

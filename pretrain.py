@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as D
+import loading as L
 import model as M
 from generate import generate
 from tiling import photo_to_canvas, tile
@@ -391,7 +392,7 @@ def main(argv=None):
     tok_path = out / "tokenizer.json"
     reuse = Path(args.reuse_llm) if args.reuse_llm else None
     if reuse:
-        old = M.base_summary(reuse)
+        old = L.base_summary(reuse)
         if old.get("recipe", {}).get("llm_steps") != args.llm_steps or old["recipe"]["seed"] != args.seed:
             raise SystemExit(f"{reuse}: made with another LLM recipe ({old.get('recipe')})")
         if reuse.parent.resolve() != out.resolve():
@@ -416,7 +417,7 @@ def main(argv=None):
     log("linear probes of the frozen encoders (held-out views):\n" + probe_table(before, after))
 
     if reuse:
-        sphinx.llm = M.load_base(reuse, cfg).llm
+        sphinx.llm = L.load_base(reuse, cfg).llm
         llm_losses, t_llm, text_scores = old["losses"]["llm"], old["minutes"]["llm"] * 60, old["text_form_eval"]
     else:
         t = time.perf_counter()
@@ -430,7 +431,7 @@ def main(argv=None):
                "minutes": {"vision": t_vis / 60, "llm": t_llm / 60, "total": (time.perf_counter() - t_all + (t_llm if reuse else 0)) / 60},
                "losses": {"clip": clip_losses[::10], "mim": mim_losses[::10], "llm": llm_losses},
                "probes": {"random": before, "pretrained": after}, "text_form_eval": text_scores}
-    M.save_base(out / f"{args.size}.safetensors", sphinx, summary)
+    L.save_base(out / f"{args.size}.safetensors", sphinx, summary)
     log(f"saved {out / f'{args.size}.safetensors'} and {tok_path} in {summary['minutes']['total']:.1f} min")
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+import loading as L
 import model as M
 from checkpoint import CheckpointError, current_umask, load_state_strict, map_name, unique_state_dict
 from vision import (CLIP_LAYOUTS, CONVNEXT_LAYOUTS, QFORMER_LAYOUT, QFORMER_UNUSED, VIT_CONFIGS, VIT_LAYOUTS,
@@ -219,7 +220,7 @@ def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=t
     # The released models never learnt a skip token (they encode every sub-image); ours is unused.
     no_skip = [(("skip_token", None), "(no skip token)", torch.zeros(llm.dim))]
     _load_renamed(model, itertools.chain(to_our_names(merged_tensors(shard_files(path), llm.n_experts), llm), no_skip),
-                  dtype=dtype, device=device, where=f"{path} ({llama_type})", shard=M.tp_loading(tp_group)[1])
+                  dtype=dtype, device=device, where=f"{path} ({llama_type})", shard=L.tp_loading(tp_group)[1])
     model.mov.freeze_encoders()
     return model
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import data as D
+import loading as L
 import model as M
 import released as R
 from checkpoint import CheckpointError
@@ -78,7 +79,7 @@ def load(args):
         missing = [f"--{k}" for k in ("llm", "convnext", "dinov2", "projector") if not getattr(args, k)]
         if missing:
             raise CheckpointError(f"--size {args.size} needs {', '.join(missing)}")
-        model = M.load_parts(M.sphinx_config(args.size), args.llm, args.convnext, args.dinov2, args.projector,
+        model = L.load_parts(M.sphinx_config(args.size), args.llm, args.convnext, args.dinov2, args.projector,
                              **overrides)
         tok_path = args.tokenizer
     else:
@@ -90,7 +91,7 @@ def load(args):
             model = R.load_released(ckpt, dtype=torch.bfloat16 if args.device != "cpu" else torch.float32)
             tok_path = args.tokenizer or ckpt / "tokenizer.model"
         else:
-            model = M.load_sphinx(ckpt, **overrides)
+            model = L.load_sphinx(ckpt, **overrides)
             tok_path = args.tokenizer or ckpt.parent / "tokenizer.json"
     if not tok_path or not Path(tok_path).exists():
         raise CheckpointError(f"no tokenizer at {tok_path}; pass --tokenizer")

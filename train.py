@@ -24,9 +24,11 @@ import torch
 import torch.distributed as dist
 
 import data as D
+import loading as L
 import model as M
 import released as R
-from checkpoint import CheckpointError, file_sha256, iter_safetensors, load_state_strict, read_safetensors_metadata
+from checkpoint import (CheckpointError, file_sha256, iter_safetensors, load_state_strict, read_safetensors_metadata,
+                        unique_state_dict)
 from generate import generate
 from moe import total_aux_loss, track_usage, usage_report
 from parallel import Mesh, all_reduce, setup_mesh, unshard, world_group
@@ -143,17 +145,17 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphi
     tp = mesh.tp_group
     if init_path and Path(init_path).is_dir():     # a released SPHINX-X directory
         model = R.load_released(init_path, cfg, tp_group=tp)
-        if not M.same_architecture(model.cfg.llm, cfg.llm):
+        if not L.same_architecture(model.cfg.llm, cfg.llm):
             raise SystemExit(f"--init {init_path}: its LLM ({model.cfg.llm}) is not --size {args.size}'s ({cfg.llm})")
     elif init_path:
-        model = M.load_sphinx(init_path, tp_group=tp)
+        model = L.load_sphinx(init_path, tp_group=tp)
     elif args.llm:
-        model = M.load_parts(cfg, args.llm, args.convnext, args.dinov2, tp_group=tp)
+        model = L.load_parts(cfg, args.llm, args.convnext, args.dinov2, tp_group=tp)
     else:
-        model = M.load_base(args.base, cfg) if args.base else M.build_sphinx(cfg)
+        model = L.load_base(args.base, cfg) if args.base else M.build_sphinx(cfg)
         if tp is not None:
             full, model = model, M.build_sphinx(model.cfg, init=False, tp_group=tp)
-            load_state_strict(model, M.unique_state_dict(full).items(), shard=M.tp_loading(tp)[1])
+            load_state_strict(model, unique_state_dict(full).items(), shard=L.tp_loading(tp)[1])
             model.mov.freeze_encoders()
     model.to(torch.device(args.device), M.DTYPES[args.dtype])
     model.llm.activation_checkpointing = args.activation_checkpointing
@@ -199,7 +201,7 @@ def barrier(mesh):
 
 def consolidated_state(model, mesh) -> dict:
     """Full weights with TP shards merged (every rank takes part in the all-gathers)."""
-    return {n: unshard(n, t, mesh.tp_group) for n, t in M.unique_state_dict(model).items()}
+    return {n: unshard(n, t, mesh.tp_group) for n, t in unique_state_dict(model).items()}
 
 
 def save_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher, step: int, losses):
@@ -215,7 +217,7 @@ def save_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher, step: int
     failed = None
     try:
         if mesh.is_main:
-            M.save_sphinx(tmp / "model.safetensors", model_with_state(model, state))
+            L.save_sphinx(tmp / "model.safetensors", model_with_state(model, state))
         torch.save(opt.state_dict(), tmp / f"optim-tp{mesh.tp_rank}-dp{mesh.dp_rank}.pt")     # every rank its shard
     except (OSError, RuntimeError) as e:   # a full disk: every rank must hear of it, or the others hang
         full = shutil.disk_usage(args.out).free < 64 << 20
@@ -344,7 +346,7 @@ def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
     own = dict(model.named_parameters())
     with torch.no_grad():
         loaded = set()
-        for n, t in iter_safetensors([path], M.tp_loading(mesh.tp_group)[0]):     # only this rank's slices
+        for n, t in iter_safetensors([path], L.tp_loading(mesh.tp_group)[0]):     # only this rank's slices
             if n in own:
                 if own[n].shape != t.shape:
                     raise CheckpointError(f"{path}: {n} has shape {tuple(t.shape)}, the model {tuple(own[n].shape)}")

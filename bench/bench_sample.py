@@ -11,6 +11,7 @@ from common import copy_bandwidth, keep_freed_memory, machine, table, timeit
 import torch
 import transformers
 
+import loading as L
 import model as M
 from generate import generate
 
@@ -30,7 +31,7 @@ for name, kw in SIZES.items():
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(max_position_embeddings=1024, **kw)).eval()
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
-        ours = M.load_hf(d).eval()
+        ours = L.load_hf(d).eval()
     prompt = torch.randint(0, kw["vocab_size"], (1, PROMPT))
 
     def hf(n):

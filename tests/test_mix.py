@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mix
+import loading as L
 import model as M
 
 
@@ -22,8 +23,8 @@ def two_runs(tmp_path_factory):
                 p.add_(torch.randn_like(p) * 0.01)
     (d / "a").mkdir()
     (d / "b").mkdir()
-    M.save_sphinx(d / "a" / "model.safetensors", a)
-    M.save_sphinx(d / "b" / "model.safetensors", b)
+    L.save_sphinx(d / "a" / "model.safetensors", a)
+    L.save_sphinx(d / "b" / "model.safetensors", b)
     (d / "a" / "tokenizer.json").write_text("{}")
     return d, a, b
 
@@ -33,7 +34,7 @@ def test_mixes_the_llm_and_keeps_the_rest(two_runs, tmp_path):
     rc = mix.main([str(d / "a" / "model.safetensors"), str(d / "b" / "model.safetensors"), "--beta", "0.3",
                    "--out", str(tmp_path / "m" / "model.safetensors")])
     assert rc == 0 and (tmp_path / "m" / "tokenizer.json").exists()
-    m = M.load_sphinx(tmp_path / "m" / "model.safetensors")
+    m = L.load_sphinx(tmp_path / "m" / "model.safetensors")
     sa, sb, sm = a.state_dict(), b.state_dict(), m.state_dict()
     for n in sm:
         if n.startswith("llm."):
@@ -44,14 +45,14 @@ def test_mixes_the_llm_and_keeps_the_rest(two_runs, tmp_path):
     assert not torch.equal(sm["llm.layers.0.attention.wq.weight"], sa["llm.layers.0.attention.wq.weight"])
     # beta 1 is a, beta 0 is b's LLM
     for beta, src in ((1.0, sa), (0.0, sb)):
-        out = M.mix_weights(a, b, beta).state_dict()
+        out = L.mix_weights(a, b, beta).state_dict()
         assert all(torch.equal(out[n], src[n]) for n in out if n.startswith("llm."))
 
 
 def test_refuses_other_configs_and_bad_beta(two_runs, tmp_path, capsys):
     d, a, _ = two_runs
     other = M.build_sphinx(replace(M.sphinx_config("tiny"), grid=1))
-    M.save_sphinx(tmp_path / "other.safetensors", other)
+    L.save_sphinx(tmp_path / "other.safetensors", other)
     rc = mix.main([str(d / "a" / "model.safetensors"), str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "x.safetensors")])
     err = capsys.readouterr().err
     assert rc == 1 and "differ in configuration" in err and not (tmp_path / "x.safetensors").exists()

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import loading as L
 import model as M
 import moe
 
@@ -219,7 +220,7 @@ def hf_mixtral(tmp_path_factory):
 
 def test_mixtral_logits_match_transformers(hf_mixtral):
     ref, path = hf_mixtral
-    ours = M.load_hf(path).eval()
+    ours = L.load_hf(path).eval()
     assert ours.cfg.n_experts == 4 and ours.cfg.top_k == 2 and ours.cfg.rope_theta == 1e6
     tokens = torch.randint(0, 300, (2, 21))
     with torch.no_grad():
@@ -233,13 +234,13 @@ def test_mixtral_missing_expert_is_named(hf_mixtral, tmp_path):
     sd.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight")
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match=r"layers\.1\.feed_forward\.w3: experts \[2\] missing"):
-        M.load_hf(tmp_path)
+    with pytest.raises(L.CheckpointError, match=r"layers\.1\.feed_forward\.w3: experts \[2\] missing"):
+        L.load_hf(tmp_path)
 
 
 def test_inference_options_top_k_prune_usage(hf_mixtral):
     _, path = hf_mixtral
-    model = M.load_hf(path).eval()
+    model = L.load_hf(path).eval()
     tokens = torch.randint(0, 300, (2, 15))
     layer = moe.moe_layers(model)[0]
     x = torch.randn(20, 64)

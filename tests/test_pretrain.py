@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data as D
+import loading as L
 import model as M
 import pretrain as P
 import train as T
@@ -141,9 +142,9 @@ def base_path():
 
 def test_shipped_base_loads_strictly_with_its_tokenizer_and_matches_the_tiny_config(base_path):
     cfg = M.sphinx_config("tiny")
-    model = M.load_base(base_path, cfg)
+    model = L.load_base(base_path, cfg)
     assert model.cfg == cfg
-    summary = M.base_summary(base_path)
+    summary = L.base_summary(base_path)
     assert summary["recipe"]["llm_steps"] > 0 and "pretrained" in summary["probes"]
     tok = D.Tokenizer(base_path.parent / "tokenizer.json")
     assert tok.vocab_size <= cfg.llm.vocab_size
@@ -158,9 +159,9 @@ def test_shipped_base_loads_strictly_with_its_tokenizer_and_matches_the_tiny_con
 
 def test_base_with_a_fresh_projector_and_moe_upcycled_exactly(base_path):
     torch.manual_seed(0)
-    dense = M.load_base(base_path, M.sphinx_config("tiny"))
+    dense = L.load_base(base_path, M.sphinx_config("tiny"))
     torch.manual_seed(1)
-    moe = M.load_base(base_path, M.sphinx_config("tiny-moe"))
+    moe = L.load_base(base_path, M.sphinx_config("tiny-moe"))
     x = torch.randint(0, 700, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(moe.llm(x)[0], dense.llm(x)[0], rtol=1e-5, atol=1e-5)
@@ -171,7 +172,7 @@ def test_base_with_a_fresh_projector_and_moe_upcycled_exactly(base_path):
 
 def test_base_refuses_a_mismatched_config_or_a_non_base_file(base_path, tmp_path):
     with pytest.raises(CheckpointError, match="config differs"):
-        M.load_base(base_path, M.sphinx_config("tiny", llm=M.llm_config("tiny", n_layers=2)))
-    M.save_sphinx(tmp_path / "full.safetensors", M.build_sphinx(M.sphinx_config("tiny")))
+        L.load_base(base_path, M.sphinx_config("tiny", llm=M.llm_config("tiny", n_layers=2)))
+    L.save_sphinx(tmp_path / "full.safetensors", M.build_sphinx(M.sphinx_config("tiny")))
     with pytest.raises(CheckpointError, match="not a sphinx-x base"):
-        M.load_base(tmp_path / "full.safetensors", M.sphinx_config("tiny"))
+        L.load_base(tmp_path / "full.safetensors", M.sphinx_config("tiny"))

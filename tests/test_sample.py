@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data as D
+import loading as L
 import model as M
 import sample as S
 from checkpoint import CheckpointError
@@ -24,7 +25,7 @@ def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     model = M.build_sphinx(M.sphinx_config("tiny"))
-    M.save_sphinx(d / "model.safetensors", model)
+    L.save_sphinx(d / "model.safetensors", model)
     src = D.SampleSource([{"path": "synthetic", "ratio": 1}], 0, 128)
     D.train_tokenizer([D.prompt_text(src.next().turns) for _ in range(300)], 2048, d / "tokenizer.json")
     return d
@@ -126,7 +127,7 @@ def test_chat_drops_the_oldest_turn_when_the_context_is_full(run_dir, tmp_path, 
                         (seen.append(len(turns)), real(model, tok, turns, tiles, args, out))[1])
     img = _save(Image.new("RGB", (64, 32), (1, 2, 3)), tmp_path / "c.png")
     # Room for one turn (with its image block and the longest answer) but not for two.
-    model, tok = M.load_sphinx(run_dir / "model.safetensors"), D.Tokenizer(run_dir / "tokenizer.json")
+    model, tok = L.load_sphinx(run_dir / "model.safetensors"), D.Tokenizer(run_dir / "tokenizer.json")
     tiles = model.layout.tile(Image.open(img))
     one = len(D.prompt_tokens(tok, [("first question?", None)])) + model.layout.block_len(tiles.fully_padded)
     code, _, err = _run([img, "--chat", "--ckpt", str(run_dir / "model.safetensors"), "--temperature", "0",
@@ -139,7 +140,7 @@ def test_assemble_from_component_files(run_dir, tmp_path):
     """A size assembled from an HF LLM directory, HF ConvNeXt/DINOv2 files and a projector file."""
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
-    ref = M.load_sphinx(run_dir / "model.safetensors")
+    ref = L.load_sphinx(run_dir / "model.safetensors")
     c = ref.cfg.llm
     llm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
@@ -187,7 +188,7 @@ def test_keep_experts_prunes_every_moe_layer(run_dir, tmp_path, capsys):
     """--keep-experts (paper App. A.1.3): every layer routes only to the kept experts."""
     torch.manual_seed(0)
     model = M.build_sphinx(M.sphinx_config("tiny-moe"))
-    M.save_sphinx(tmp_path / "moe.safetensors", model)
+    L.save_sphinx(tmp_path / "moe.safetensors", model)
     shutil.copy(run_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     args = S.parse_args(["hi", "--ckpt", str(tmp_path / "moe.safetensors"), "--keep-experts", "1,3", "--dtype", "fp32"])
     pruned, _ = S.load(args)

@@ -201,7 +201,7 @@ def test_corrupt_checkpoint_fails_clearly_and_crash_keeps_previous(tokenizer, tm
     top[-50] ^= 0x40
     (tmp_path / "flipped.safetensors").write_bytes(bytes(top))
     with pytest.raises(T.CheckpointError, match="flipped.safetensors: checksum mismatch"):
-        T.M.load_sphinx(tmp_path / "flipped.safetensors")
+        T.L.load_sphinx(tmp_path / "flipped.safetensors")
     # A crash in the middle of writing the next checkpoint leaves `latest` on the previous one.
     out = tmp_path / "d"
     T.train(T.parse_args(argv + ["--out", str(out), "--stop-after", "1"]))
@@ -305,6 +305,7 @@ def test_paper_start_from_pretrained_parts_with_epochs(tmp_path, monkeypatch, ca
     # Item: the paper's recipe starts from a pretrained HF LLM and the two pretrained encoders, with a
     # fresh projector; random toy parts written by transformers' save_pretrained stand in for them.
     import transformers
+    import loading as L
     import model as M
     import vision as V
     torch.manual_seed(0)
@@ -333,7 +334,7 @@ def test_paper_start_from_pretrained_parts_with_epochs(tmp_path, monkeypatch, ca
     res = T.train(T.parse_args(argv))
     assert len(res["losses"]) == 3 and "2 epoch(s) of 3 records at batch 2 = 3 steps" in capsys.readouterr().out
     model = res["model"]
-    ref = M.load_hf(tmp_path / "llm")
+    ref = L.load_hf(tmp_path / "llm")
     # The encoders are the given ones, frozen; the LLM trained away from its start; the projector is fresh.
     hf_vit = V.load_encoder(M.build_sphinx(cfg, init=False).mov.vit, tmp_path / "dinov2")
     assert torch.equal(model.mov.vit.blocks[0].qkv.weight, hf_vit.blocks[0].qkv.weight)
@@ -383,7 +384,7 @@ def test_damaged_metadata_and_state_are_one_line(tokenizer, tmp_path):
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, str(tmp_path / "m.safetensors"), metadata={"format": "sphinx-x"})
     with pytest.raises(T.CheckpointError, match="m.safetensors: its metadata has no 'config'"):
-        T.M.load_sphinx(tmp_path / "m.safetensors")
+        T.L.load_sphinx(tmp_path / "m.safetensors")
     out = tmp_path / "s"
     argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(out)]
     T.train(T.parse_args(argv + ["--stop-after", "1"]))
@@ -403,7 +404,7 @@ def test_bf16_training_follows_fp32(tokenizer, tmp_path):
     assert all(m.dtype == torch.float32 for m in bf16["opt"].master)
     a, b = torch.tensor(fp32["losses"]), torch.tensor(bf16["losses"])
     assert ((a - b).abs() / a).max() < 0.03, (a, b)
-    model = T.M.load_sphinx(tmp_path / "b" / "model.safetensors")
+    model = T.L.load_sphinx(tmp_path / "b" / "model.safetensors")
     assert model.llm.tok_embeddings.weight.dtype == torch.float32      # loaded in the dtype asked for
 
 
