@@ -21,7 +21,7 @@ priors, so the CPU sizes get a base made by this script, one stage per part:
   5. probes     linear probes of the frozen features (colour, shape and box of what each grid cell
                 shows), random init vs pretrained, printed and stored in the file's metadata.
 
-Stages 1-2 read only the training split of the synthetic world (data.py keeps held-out scenes out of it).
+Stages 1-2 read only the training split of the synthetic world (world.py keeps held-out scenes out of it).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import data as D
 import loading as L
 import model as M
+import world as W
 from generate import generate
 from tiling import photo_to_canvas, tile
 
@@ -102,11 +103,11 @@ def text_form(sample: D.Sample, canvas: int) -> str:
     if sample.image is None:
         return body
     t = sample.truth
-    return D.scene_text(t["objects"], t["word"], sample.image.size, canvas) + ".\n" + body
+    return W.scene_text(t["objects"], t["word"], sample.image.size, canvas) + ".\n" + body
 
 
 def base_texts(seed: int, start: int, n: int, canvas: int) -> list[str]:
-    return [text_form(D.synthetic_sample(seed, "train", i, canvas), canvas) for i in range(start, start + n)]
+    return [text_form(W.synthetic_sample(seed, "train", i, canvas), canvas) for i in range(start, start + n)]
 
 
 def lm_batch(tok: D.Tokenizer, texts: list[str]):
@@ -133,7 +134,7 @@ def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20) -> dict
     """Greedy answers to held-out questions with the scene given as text: what the LLM base can do
     once it knows the scene (the upper bound the tuning reaches for when the picture replaces the text)."""
     scores = {}
-    for s in D.eval_per_task(seed, per_task, canvas):
+    for s in W.eval_per_task(seed, per_task, canvas):
         *prev, (q, ref) = s.turns
         held = D.Sample(prev + [(q, None)], s.task, image=s.image, truth=s.truth)
         prompt = text_form(held, canvas)
@@ -141,7 +142,7 @@ def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20) -> dict
                               stop_text="\n" + D.SEP, decode=tok.decode))
         got = tok.decode(ids).removesuffix("\n" + D.SEP).strip()
         r = scores.setdefault(s.task, [0, 0])
-        r[0] += D.score(s.task, got, ref)
+        r[0] += W.score(s.task, got, ref)
         r[1] += 1
     return {t: r / n for t, (r, n) in scores.items()}
 
@@ -185,7 +186,7 @@ def view_batch(seed: int, split: str, start: int, n_views: int, canvas: int, gri
     (the model never encodes them)."""
     views, contents, i = [], [], start
     while len(views) < n_views:
-        s = D.synthetic_sample(seed, split, i, canvas)
+        s = W.synthetic_sample(seed, split, i, canvas)
         i += 1
         if s.image is None:
             continue
@@ -306,8 +307,8 @@ def standardise_outputs(mov, seed: int, canvas: int, grid: int, n_views: int = 2
 
 # ----------------------------------------------------------------------------- 5: linear probes
 
-COLOURS = ("none",) + tuple(D.COLORS) + ("text",)
-SHAPES = ("none",) + D.SHAPES + ("word",)
+COLOURS = ("none",) + tuple(W.COLORS) + ("text",)
+SHAPES = ("none",) + W.SHAPES + ("word",)
 
 
 def cell_labels(contents, g: int):

@@ -27,6 +27,7 @@ import data as D
 import loading as L
 import model as M
 import released as R
+import world as W
 from checkpoint import (CheckpointError, file_sha256, iter_safetensors, load_state_strict, read_safetensors_metadata,
                         unique_state_dict)
 from generate import generate
@@ -164,7 +165,7 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphi
 
 
 def tokenizer_corpus(seed: int, canvas: int, n: int = 4000):
-    return [D.prompt_text(s.turns + [("", None)]) for s in D.train_samples(seed, n, canvas)]
+    return [D.prompt_text(s.turns + [("", None)]) for s in W.train_samples(seed, n, canvas)]
 
 
 def get_tokenizer(args, mesh, cfg) -> D.Tokenizer:
@@ -374,7 +375,7 @@ def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
 
 def evaluate(model, tok, mesh, samples, max_new_tokens=48) -> dict:
     """Greedy answers for held-out samples (split over DP ranks); per-task accuracy, box tasks by IoU@0.5."""
-    totals = {t: [0.0, 0.0] for t in D.TASKS}
+    totals = {t: [0.0, 0.0] for t in W.TASKS}
     layout = model.layout
     for i, s in enumerate(samples):
         if i % mesh.dp != mesh.dp_rank:
@@ -385,11 +386,11 @@ def evaluate(model, tok, mesh, samples, max_new_tokens=48) -> dict:
         ids = list(generate(model, enc_tokens, tiles, max_new_tokens, stop_ids=(tok.eos_id,),
                               stop_text="\n" + D.SEP, decode=tok.decode))
         answer = tok.decode(ids).removesuffix("\n" + D.SEP).strip()
-        totals[s.task][0] += D.score(s.task, answer, s.turns[-1][1])
+        totals[s.task][0] += W.score(s.task, answer, s.turns[-1][1])
         totals[s.task][1] += 1
-    flat = torch.tensor([v for t in D.TASKS for v in totals[t]], dtype=torch.float64)
+    flat = torch.tensor([v for t in W.TASKS for v in totals[t]], dtype=torch.float64)
     all_reduce(flat, mesh.dp_group)
-    return {t: (flat[2 * i].item(), flat[2 * i + 1].item()) for i, t in enumerate(D.TASKS)}
+    return {t: (flat[2 * i].item(), flat[2 * i + 1].item()) for i, t in enumerate(W.TASKS)}
 
 
 def image_reliance(model, tok, mesh, samples) -> tuple[float, float]:
@@ -468,7 +469,7 @@ def _train(args, mesh) -> dict:
     skips = D.Skips(args.bad_input)
     entries = ([{"path": "synthetic", "ratio": 1.0, "tasks_per_image": args.tasks_per_image}] if args.data == "synthetic"
                else D.read_mixture(args.data))
-    source = D.SampleSource(entries, args.seed, cfg.canvas, skips=skips)
+    source = D.SampleSource(entries, args.seed, cfg.canvas, skips=skips, synthetic=W.synthetic_sample)
     if not args.steps:            # the paper's length: epochs over the records (Sec. 4.1 trains one)
         records = sum(len(d) for d in source.datasets if d != "synthetic")
         args.steps = max(1, math.ceil(args.epochs * records / args.batch))
@@ -572,13 +573,13 @@ def final_report(args, mesh, model, tok, canvas: int, log) -> dict:
     is_moe = model.cfg.llm.n_experts > 0
     if is_moe:
         track_usage(model)
-    held_out = D.eval_per_task(args.seed, args.eval_per_task, canvas)
+    held_out = W.eval_per_task(args.seed, args.eval_per_task, canvas)
     scores = evaluate(model, tok, mesh, held_out)
     result = {}
     if mesh.is_main:
         # The floor to beat: each question answered from synthetic training samples' text alone.
-        blind = D.text_only_baseline(
-            D.train_samples(args.seed, BASELINE_SAMPLES, canvas, args.tasks_per_image), held_out)
+        blind = W.text_only_baseline(
+            W.train_samples(args.seed, BASELINE_SAMPLES, canvas, args.tasks_per_image), held_out)
         log(f"held-out evaluation (greedy; box tasks: every box at IoU >= 0.5; text-only baseline: each "
             f"question's most common answer in {BASELINE_SAMPLES:,} training samples, image unseen):")
         for task, (right, n) in scores.items():

@@ -49,7 +49,7 @@ def _dp_worker(rank, world, port, tok_path, steps, out):
     for name, cls in (("plain all-reduce", AllReduceAdamW), ("ZeRO-2", ZeRO2)):
         model = T.build_model(args, mesh, cfg)
         opt = cls([(n, p) for n, p in model.named_parameters() if p.requires_grad], mesh, 1e-3)
-        src = T.D.SampleSource([{"path": "synthetic", "ratio": 1}], 0, cfg.canvas)
+        src = T.D.SampleSource([{"path": "synthetic", "ratio": 1}], 0, cfg.canvas, synthetic=T.W.synthetic_sample)
         batch = T.D.Batcher(src, tok, model.layout, 320, 16, rank=mesh.dp_rank, world=mesh.dp).next()
         times = []
         for _ in range(steps):

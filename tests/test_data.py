@@ -1,5 +1,5 @@
-"""data.py: the tokenizer interface (conversations and batching come with issue 5)."""
-import numpy as np
+"""data.py: the tokenizer (byte-level BPE and SentencePiece with LLaMA settings), conversations and their
+loss masks, readers and their errors, the mixture, batches and their resumable order."""
 import pytest
 import torch
 
@@ -71,14 +71,15 @@ from collections import Counter  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data as D  # noqa: E402
-from tiling import ImageLayout, canvas_to_photo  # noqa: E402
+import world as W  # noqa: E402
+from tiling import ImageLayout  # noqa: E402
 
 LAYOUT = ImageLayout(canvas=128, grid=2, tokens_per_view=17)
 
 
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
-    src = D.SampleSource([{"path": "synthetic", "ratio": 1}], seed=7, canvas=128)
+    src = D.SampleSource([{"path": "synthetic", "ratio": 1}], seed=7, canvas=128, synthetic=W.synthetic_sample)
     texts = [D.prompt_text(src.next().turns + [("x", None)]) for _ in range(500)]
     return D.train_tokenizer(texts, 1024, tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
@@ -98,7 +99,7 @@ def _target_spans(enc):
 
 def test_targets_decode_to_exactly_the_answers(bpe):
     for i in range(40):
-        s = D.synthetic_sample(3, "train", i, 128)
+        s = W.synthetic_sample(3, "train", i, 128)
         enc = D.encode(s, bpe, 1024, LAYOUT)
         spans = [bpe.decode(x) for x in _target_spans(enc)]
         assert spans == [" " + a + "\n###" for _, a in s.turns]
@@ -182,7 +183,7 @@ def test_mixture_ratios_hold(tmp_path):
             {"from": "human", "value": f"{name}{i}"}, {"from": "gpt", "value": "x"}]}) + "\n" for i in range(n)))
     (tmp_path / "mix.json").write_text(json.dumps({"datasets": [
         {"path": "a.jsonl", "ratio": 0.2}, {"path": "b.jsonl", "ratio": 0.5}, {"path": "synthetic", "ratio": 0.3}]}))
-    src = D.SampleSource(D.read_mixture(tmp_path / "mix.json"), seed=1, canvas=128)
+    src = D.SampleSource(D.read_mixture(tmp_path / "mix.json"), seed=1, canvas=128, synthetic=W.synthetic_sample)
     counts = Counter()
     for _ in range(10_000):
         s = src.next()
@@ -210,7 +211,7 @@ def _ids(samples):
 
 def test_dp_shards_disjoint_complete_and_resume(bpe):
     def batcher(rank, world):
-        return D.Batcher(D.SampleSource([{"path": "synthetic", "ratio": 1}], 5, 128), bpe, LAYOUT, 512,
+        return D.Batcher(D.SampleSource([{"path": "synthetic", "ratio": 1}], 5, 128, synthetic=W.synthetic_sample), bpe, LAYOUT, 512,
                          global_batch=8, rank=rank, world=world, window=3)
     single = batcher(0, 1)
     shards = [batcher(r, 2) for r in range(2)]
@@ -237,96 +238,13 @@ def test_dp_shards_disjoint_complete_and_resume(bpe):
         assert sorted(parts[0] + parts[1]) == sorted(whole)
 
 
-def test_synthetic_reproducible_boxes_on_objects_and_split_disjoint():
-    a = [D.synthetic_sample(11, "train", i, 128) for i in range(60)]
-    b = [D.synthetic_sample(11, "train", i, 128) for i in range(60)]
-    assert [s.turns for s in a] == [s.turns for s in b]
-    assert all(x.image is None and y.image is None or (np.asarray(x.image) == np.asarray(y.image)).all() for x, y in zip(a, b))
-    tasks = Counter(s.task for s in a)
-    assert set(tasks) == set(D.TASKS)
-    for s in a:
-        for o in s.truth.get("objects", []):
-            x0, y0, x1, y1 = o["box"]
-            px = np.asarray(s.image, np.int32)
-            cx, cy = (x0 + x1) // 2, (y0 + y1 - 1) // 2 + (y1 - y0) // 4 if o["shape"] == "triangle" else (y0 + y1) // 2
-            assert np.abs(px[cy, cx] - np.array(D.COLORS[o["color"]])).max() < 3     # the box's centre is the shape
-        if s.task == "grounding":
-            (box,) = D.parse_boxes(s.turns[0][1])
-            o = next(o for o in s.truth["objects"] if f"the {o['color']} {o['shape']}" in s.turns[0][0])
-            back = canvas_to_photo(box, s.image.size, 128)
-            assert max(abs(u - v) for u, v in zip(back, o["box"])) <= 0.005 * 128 * max(s.image.size) / 128 + 1
-    train_keys = {json.dumps(s.turns) + str(s.truth) for s in (D.synthetic_sample(11, "train", i, 128) for i in range(1500))}
-    eval_keys = {json.dumps(s.turns) + str(s.truth) for s in D.eval_samples(11, 300, 128)}
-    assert not train_keys & eval_keys
-
-
-def test_scoring_helpers():
-    assert D.parse_boxes("a [0.1, 0.2, 0.3, 0.4] b [0.5, 0.6]") == [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6]]
-    assert D.box_iou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0 and D.box_iou([0, 0, 1, 1], [0.5, 0, 1.5, 1]) == pytest.approx(1 / 3)
-    ref = "red circle [0.10, 0.10, 0.50, 0.50], blue square [0.60, 0.60, 0.90, 0.90]"
-    assert D.score("detection", "red circle [0.12, 0.11, 0.5, 0.52], blue square [0.6, 0.6, 0.9, 0.9]", ref) == 1.0
-    assert D.score("detection", "red circle [0.12, 0.11, 0.5, 0.52]", ref) == 0.0
-    assert D.score("detection", "green circle [0.12, 0.11, 0.5, 0.52], blue square [0.6, 0.6, 0.9, 0.9]", ref) == 0.0
-    assert D.score("grounding", "[0.40, 0.40, 0.80, 0.80]", "[0.1, 0.1, 0.5, 0.5]") == 0.0
-    assert D.score("vqa", " red. ", "Red.") == 1.0 and D.score("vqa", "Blue.", "Red.") == 0.0
-
-
-def test_text_only_baseline_answers_each_question_with_its_most_common_training_answer():
-    def s(task, q, a):
-        return D.Sample([(q, a)], task=task, source="t")
-    color, count, where = "What color is the square?", "How many shapes are there?", "Where is the red circle?"
-    train = ([s("vqa", color, "Red.")] * 3 + [s("vqa", color, "Blue.")] * 2 + [s("vqa", count, "2.")]
-             + [s("grounding", where, "[0.10, 0.10, 0.50, 0.50]")] * 2 + [s("grounding", where, "[0.60, 0.60, 0.90, 0.90]")])
-    held_out = [s("vqa", color, "Red."), s("vqa", color, "Blue."),
-                s("vqa", "What shape is the red object?", "Red."),          # unseen: the task's most common answer
-                s("grounding", where, "[0.12, 0.10, 0.50, 0.52]"),          # scored by IoU like the model
-                s("caption", "Describe the image briefly.", "A red circle.")]  # no training answer at all
-    got = D.text_only_baseline(train, held_out)
-    assert got["vqa"] == (2.0, 3) and got["grounding"] == (1.0, 1) and got["caption"] == (0.0, 1)
-    assert got["som"] == (0.0, 0)
-
-
-def test_tasks_per_image_continues_the_same_scene_and_held_out_keeps_one_task():
-    for i in range(40):
-        one = D.synthetic_sample(5, "train", i, 128)
-        many = D.synthetic_sample(5, "train", i, 128, tasks_per_image=3)
-        assert many.turns[:len(one.turns)] == one.turns and many.task == one.task   # same scene, same first task
-        tasks = many.truth["turn_tasks"]
-        assert len(tasks) == len(many.turns)
-        groups = [t for k, t in enumerate(tasks) if k == 0 or tasks[k - 1] != t]
-        assert len(groups) == len(set(groups)) <= 3                                  # different tasks
-        if one.image is not None:
-            assert (np.asarray(one.image) == np.asarray(many.image)).all()
-        else:
-            assert many.turns == one.turns
-    assert any(len(set(D.synthetic_sample(5, "train", i, 128, 3).truth["turn_tasks"])) > 1 for i in range(40))
-    held = D.eval_per_task(5, 3, 128)
-    assert Counter(s.task for s in held) == {t: 3 for t in D.TASKS}
-    assert all(set(s.truth.get("turn_tasks", [s.task])) == {s.task} for s in held)
-
-
-def test_text_only_baseline_counts_each_turn_under_its_own_task():
-    multi = D.Sample([("Describe the image briefly.", "A red circle."), ("How many shapes are there?", "1.")],
-                     task="caption", truth={"turn_tasks": ["caption", "vqa"]})
-    held_out = [D.Sample([("How many apples?", "1.")], task="vqa")]      # unseen question: the task's answer
-    assert D.text_only_baseline([multi], held_out)["vqa"] == (1.0, 1)
-
-
-def test_scene_text_is_the_detection_answer_plus_the_word():
-    s = next(x for x in (D.synthetic_sample(0, "train", i, 128) for i in range(300))
-             if x.task == "detection" and x.truth["word"])
-    text = D.scene_text(s.truth["objects"], s.truth["word"], s.image.size, 128)
-    assert text.startswith(s.turns[0][1] + ", the word " + s.truth["word"]["text"] + " [")
-    assert D.scene_text([], None, (10, 10), 128) == "an empty background"
-
-
 @pytest.fixture(scope="module")
 def llama_sp(tmp_path_factory):
     """A SentencePiece model with LLaMA's settings (BPE, identity normaliser, dummy prefix, byte
     fallback, digits split, whitespace kept), trained on rendered synthetic conversations."""
     import sentencepiece as spm
     d = tmp_path_factory.mktemp("llama_sp")
-    texts = [D.prompt_text(s.turns) for s in D.train_samples(5, 300, 128, 3)]
+    texts = [D.prompt_text(s.turns) for s in W.train_samples(5, 300, 128, 3)]
     (d / "corpus.txt").write_text("\n".join(t.replace("\n", " ") for t in texts))
     spm.SentencePieceTrainer.Train(input=str(d / "corpus.txt"), model_prefix=str(d / "llama"), vocab_size=600,
                                    model_type="bpe", normalization_rule_name="identity", add_dummy_prefix=True,
@@ -341,7 +259,7 @@ def test_sentencepiece_training_ids_are_the_inference_ids_for_every_turn(llama_s
     assert not tok.needs_space_before_segment                # LLaMA-style: the word-start marker is implicit
     differs = 0
     for i in range(30):
-        s = D.synthetic_sample(7, "train", i, 128, tasks_per_image=3)
+        s = W.synthetic_sample(7, "train", i, 128, tasks_per_image=3)
         enc = D.encode(s, tok, 4096, LAYOUT)
         assert enc.tokens == [tok.bos_id] + tok.encode(D.prompt_text(s.turns))        # encoded once
         for k, (q, a) in enumerate(s.turns):

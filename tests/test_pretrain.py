@@ -9,6 +9,7 @@ import loading as L
 import model as M
 import pretrain as P
 import train as T
+import world as W
 from checkpoint import CheckpointError
 from tiling import tile
 
@@ -21,7 +22,7 @@ def tok(tmp_path_factory):
 def _scene_sample(task, seed=0):
     i = 0
     while True:
-        s = D.synthetic_sample(seed, "train", i, 128)
+        s = W.synthetic_sample(seed, "train", i, 128)
         if s.task == task and s.truth.get("word") and len(s.truth["objects"]) >= 2:
             return s
         i += 1
@@ -35,7 +36,7 @@ def test_text_form_puts_the_scene_where_the_image_goes_and_detection_is_a_copy_o
     assert body.startswith(D.SYSTEM)
     answer = s.turns[0][1]
     assert scene.startswith(answer) and f"the word {s.truth['word']['text']} [" in scene
-    lang = next(x for x in (D.synthetic_sample(0, "train", i, 128) for i in range(100)) if x.image is None)
+    lang = next(x for x in (W.synthetic_sample(0, "train", i, 128) for i in range(100)) if x.image is None)
     assert P.text_form(lang, 128) == "".join(t for t, _ in D.render(lang.turns))
 
 
@@ -60,7 +61,7 @@ def test_view_batch_leaves_out_fully_padded_views():
     assert views.shape == (40, 3, 64, 64) and len(contents) == 40
     n_unpadded = 0
     for i in range(nxt):
-        s = D.synthetic_sample(0, "train", i, 128)
+        s = W.synthetic_sample(0, "train", i, 128)
         if s.image is not None:
             n_unpadded += sum(not p for p in tile(s.image, 128, 2).fully_padded)
     assert n_unpadded >= 40 > n_unpadded - 5          # stopped at the scene that filled the batch
@@ -150,7 +151,7 @@ def test_shipped_base_loads_strictly_with_its_tokenizer_and_matches_the_tiny_con
     assert tok.vocab_size <= cfg.llm.vocab_size
     assert base_path.stat().st_size <= 20 * 2 ** 20
     # The base LLM has learned the world's text: it continues a held-out scene description sensibly.
-    s = D.eval_per_task(0, 1, 128)
+    s = W.eval_per_task(0, 1, 128)
     ids = [tok.bos_id] + tok.encode(P.text_form(s[0], 128))
     x = torch.tensor([ids])
     _, loss = model.llm(x[:, :-1], targets=x[:, 1:])

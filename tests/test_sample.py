@@ -14,6 +14,7 @@ import data as D
 import loading as L
 import model as M
 import sample as S
+import world as W
 from checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ def run_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = M.build_sphinx(M.sphinx_config("tiny"))
     L.save_sphinx(d / "model.safetensors", model)
-    src = D.SampleSource([{"path": "synthetic", "ratio": 1}], 0, 128)
+    src = D.SampleSource([{"path": "synthetic", "ratio": 1}], 0, 128, synthetic=W.synthetic_sample)
     D.train_tokenizer([D.prompt_text(src.next().turns) for _ in range(300)], 2048, d / "tokenizer.json")
     return d
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import data as D
 import train as T
+import world as W
 from multiproc import free_port, spawn
 from parallel import Mesh
 
@@ -251,7 +252,7 @@ def test_image_reliance_swaps_images_within_a_layout(tokenizer, monkeypatch):
     model = T.M.build_sphinx(T.M.sphinx_config("tiny")).eval()
     tok = D.Tokenizer(tokenizer)
     mesh = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
-    samples = D.eval_samples(0, 24, 128)
+    samples = W.eval_samples(0, 24, 128)
     own, other = T.image_reliance(model, tok, mesh, samples)
     assert abs(own - other) > 1e-4 and 0 < own < 20 and 0 < other < 20
     seen = []
@@ -270,7 +271,7 @@ def test_run_ends_with_per_task_evaluation_beside_the_text_only_baseline(tokeniz
     printed = {}
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[0] in D.TASKS and "text-only baseline" in line:
+        if len(parts) >= 2 and parts[0] in W.TASKS and "text-only baseline" in line:
             printed[parts[0]] = line
     evaluated = {t for t, (_, n) in res["eval"].items() if n}
     assert evaluated and set(printed) == evaluated
