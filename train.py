@@ -169,11 +169,20 @@ def tokenizer_corpus(seed: int, canvas: int, n: int = 4000):
 
 
 def get_tokenizer(args, mesh, cfg) -> D.Tokenizer:
-    """The paper sizes take their LLM's tokenizer, a run from a base the base's; from scratch, CPU sizes
+    """The paper sizes take their LLM's tokenizer, a run from a base the base's, a run from one of our
+    checkpoints (--init) the one beside it; from scratch, CPU sizes
     train a byte-level BPE on the synthetic corpus (rank 0 trains it into the run directory, the others
     read it). A tokenizer.json always ends up in the run directory, for sample.py."""
     path = args.out / "tokenizer.json"
     given = args.tokenizer or (Path(args.base).parent / "tokenizer.json" if args.base else None)
+    if not given and args.init and Path(args.init).is_file():
+        # Our checkpoint: its run directory (beside it, or above a step-N/ directory) holds the tokenizer it
+        # was trained with. A freshly trained one would number the tokens differently: garbage, silently.
+        here = Path(args.init).resolve().parent
+        given = next((p for p in (here / "tokenizer.json", here.parent / "tokenizer.json") if p.exists()), None)
+        if given is None:
+            raise SystemExit(f"--init {args.init}: no tokenizer.json in its run directory; pass the one it was "
+                             "trained with as --tokenizer")
     if given:
         if not Path(given).exists():
             raise SystemExit(f"no tokenizer at {given}")

@@ -221,6 +221,24 @@ def test_corrupt_checkpoint_fails_clearly_and_crash_keeps_previous(tokenizer, tm
     assert len(res["losses"]) == 2
 
 
+def test_init_from_our_checkpoint_takes_its_tokenizer(tokenizer, tmp_path):
+    """--init with one of our checkpoints (the final one or a step-N/ one) continues with the tokenizer of
+    its run, never a freshly trained one that numbers the tokens differently; without one it stops."""
+    import shutil
+    from pathlib import Path
+    first = tmp_path / "first"
+    T.train(T.parse_args(COMMON + ["--steps", "1", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(first)]))
+    plain = [a for a in COMMON if a != "--from-scratch"] + ["--steps", "1", "--dtype", "fp32"]
+    for init in (first / "model.safetensors", next(first.glob("step-*/model.safetensors"))):
+        out = tmp_path / f"from-{init.parent.name}"
+        T.train(T.parse_args(plain + ["--init", str(init), "--out", str(out)]))
+        assert (out / "tokenizer.json").read_bytes() == Path(tokenizer).read_bytes()
+    (tmp_path / "lone").mkdir()
+    shutil.copyfile(first / "model.safetensors", tmp_path / "lone" / "model.safetensors")
+    with pytest.raises(SystemExit, match="no tokenizer.json in its run directory; pass the one it was trained with"):
+        T.train(T.parse_args(plain + ["--init", str(tmp_path / "lone" / "model.safetensors"), "--out", str(tmp_path / "x")]))
+
+
 def test_resume_refuses_changed_settings_and_trims_the_metrics(tokenizer, tmp_path):
     out = tmp_path / "r"
     argv = COMMON + ["--steps", "4", "--ckpt-every", "2", "--tokenizer", tokenizer, "--out", str(out)]
