@@ -317,10 +317,12 @@ class SwiGLUExperts(torch.autograd.Function):
 
 
 def swiglu_experts(x, w1, w3, w2, offsets, path: str):
-    """The SwiGLU experts on rows grouped by expert, by one of PATHS or "reference"."""
-    if path == "reference":
-        return swiglu_reference(x, w1, w3, w2, offsets)
-    return SwiGLUExperts.apply(x, w1, w3, w2, offsets, PATHS[path])
+    """The SwiGLU experts on rows grouped by expert, by one of PATHS or "reference". Autocast is off
+    inside: every path computes in its inputs' dtype (the model's), as _grouped_mm and Triton do anyway."""
+    with torch.autocast(x.device.type, enabled=False):
+        if path == "reference":
+            return swiglu_reference(x, w1, w3, w2, offsets)
+        return SwiGLUExperts.apply(x, w1, w3, w2, offsets, PATHS[path])
 
 
 class ExpertPathChooser:

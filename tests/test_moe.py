@@ -63,6 +63,24 @@ def test_every_path_matches_float64_loop(path, dtype, E, counts, d, hidden):
         assert all(w.grad[e].abs().max() == 0 for w in ws)
 
 
+def test_every_path_runs_in_the_models_dtype_under_autocast():
+    """Under bf16 autocast the router's Linear is autocast; the experts compute in the weights' fp32
+    whatever the path (a padded bmm would otherwise be autocast to bf16 and break the scatter)."""
+    torch.manual_seed(0)
+    layer = moe.MoEFeedForward(32, 48, 4, 2)
+    layer.init_weights(0.3)
+    x = torch.randn(20, 32)
+    outs = {}
+    for path in ("reference", "grouped", "loop", "padded"):
+        layer.path, layer.w1.grad = path, None
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[path] = layer(xg)
+        outs[path].sum().backward()
+        assert outs[path].dtype == layer.w1.grad.dtype == xg.grad.dtype == torch.float32
+        torch.testing.assert_close(outs[path], outs["reference"], atol=1e-5, rtol=0)
+
+
 def test_chooser_takes_the_fastest_per_bucket_and_remembers(monkeypatch):
     E, d, hidden = 4, 36, 20        # d * 4 bytes = 144: aligned; hidden 20 * 4 = 80 also
     torch.manual_seed(0)
