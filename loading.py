@@ -189,14 +189,15 @@ def _tuples(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def load_sphinx(path, device="cpu", dtype=torch.float32, tp_group=None, **overrides) -> Sphinx:
+def load_sphinx(path, device="cpu", dtype=torch.float32, tp_group=None, verify=True, **overrides) -> Sphinx:
     """Our checkpoint -> Sphinx. overrides (e.g. skip_tokens=False) replace config fields. tp_group: build
-    and read only this rank's TP shard."""
+    and read only this rank's TP shard. verify=False: the caller checked the digest (train.py, once per run)."""
     meta = read_safetensors_metadata(path)
     if meta.get("format") != "sphinx-x":
         raise CheckpointError(f"{path}: not a sphinx-x checkpoint (format {meta.get('format')!r})")
     cfg = replace(sphinx_config_from_json(_config_text(meta, path)), **overrides)
-    verify_safetensors(path)
+    if verify:
+        verify_safetensors(path)
     model = build_sphinx(cfg, init=False, tp_group=tp_group)
     select, cut = tp_loading(tp_group)
     load_state_strict(model, iter_safetensors([path], select), dtype=dtype, device=device, where=str(path), shard=cut)

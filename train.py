@@ -29,7 +29,7 @@ import model as M
 import released as R
 import world as W
 from checkpoint import (CheckpointError, file_sha256, iter_safetensors, load_state_strict, read_safetensors_metadata,
-                        unique_state_dict)
+                        unique_state_dict, verify_safetensors)
 from generate import generate
 from moe import total_aux_loss, track_usage, usage_report
 from parallel import Mesh, all_reduce, setup_mesh, unshard, world_group
@@ -137,6 +137,24 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 
 # ----------------------------------------------------------------------------- model and tokenizer
 
+def check_spread(mesh, checks: list):
+    """Checks that read whole files (digests), spread over the ranks: each file is read once per run, not
+    once per rank (64 ranks resuming a 13B run would otherwise read its ~180 GB checkpoint 64 times). A
+    failure anywhere stops every rank with the same one-line error: all learn the first failing check's
+    index (one all-reduce, so no rank is left waiting in a collective) and re-run that check themselves."""
+    first = len(checks)
+    for i in range(mesh.rank, len(checks), mesh.world):
+        try:
+            checks[i]()
+        except CheckpointError:
+            first = i
+            break
+    first = int(all_reduce(torch.tensor([first]), world_group(mesh), op=dist.ReduceOp.MIN)[0])
+    if first < len(checks):
+        checks[first]()
+        raise CheckpointError(f"check {first} failed on another rank but passes here (a file changing?)")
+
+
 def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphinx:
     """Every rank builds the same model from the seed. Loaded from files (a checkpoint, a released
     directory, pretrained parts), each rank builds on the meta device and reads only its TP shard; a CPU
@@ -149,7 +167,8 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, init_path=None) -> M.Sphi
         if not L.same_architecture(model.cfg.llm, cfg.llm):
             raise SystemExit(f"--init {init_path}: its LLM ({model.cfg.llm}) is not --size {args.size}'s ({cfg.llm})")
     elif init_path:
-        model = L.load_sphinx(init_path, tp_group=tp)
+        check_spread(mesh, [lambda: verify_safetensors(init_path)])
+        model = L.load_sphinx(init_path, tp_group=tp, verify=False)
     elif args.llm:
         model = L.load_parts(cfg, args.llm, args.convnext, args.dinov2, tp_group=tp)
     else:
@@ -343,11 +362,14 @@ def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
     if changed:
         raise CheckpointError(f"{ckpt}: resuming with other settings than the run's ({'; '.join(changed)}); "
                               "resume with the run's flags, or start a new run")
-    for name, digest in meta.get("sha256", {}).items():
-        if not (ckpt / name).exists():
-            raise CheckpointError(f"{ckpt / name}: missing")
-        if file_sha256(ckpt / name) != digest:
-            raise CheckpointError(f"{ckpt / name}: checksum mismatch, the file changed after it was saved")
+    def check(name, digest):
+        def run():
+            if not (ckpt / name).exists():
+                raise CheckpointError(f"{ckpt / name}: missing")
+            if file_sha256(ckpt / name) != digest:
+                raise CheckpointError(f"{ckpt / name}: checksum mismatch, the file changed after it was saved")
+        return run
+    check_spread(mesh, [check(n, d) for n, d in sorted(meta.get("sha256", {}).items())])
     path = ckpt / "model.safetensors"
     if read_safetensors_metadata(path).get("format") != "sphinx-x":
         raise CheckpointError(f"{path}: not a sphinx-x checkpoint")

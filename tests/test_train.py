@@ -221,6 +221,52 @@ def test_corrupt_checkpoint_fails_clearly_and_crash_keeps_previous(tokenizer, tm
     assert len(res["losses"]) == 2
 
 
+def _resume_worker(rank, world, port, argv, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    hashed, loading, real_sha, real_load = [], [True], T.file_sha256, T.load_checkpoint
+
+    def load(*a, **k):                      # record the digests of the resume only, not of the next save's
+        try:
+            return real_load(*a, **k)
+        finally:
+            loading[0] = False
+    T.file_sha256 = lambda path: (hashed.append(path.name) if loading[0] else None) or real_sha(path)
+    T.load_checkpoint = load
+    try:
+        T.train(T.parse_args(argv))
+        message = "resumed"
+    except T.CheckpointError as e:
+        message = str(e)
+    with open(f"{result_path}.{rank}", "w") as f:
+        json.dump({"message": message, "hashed": hashed}, f)
+
+
+def test_digests_are_checked_once_per_run_and_a_bad_file_stops_every_rank(tokenizer, tmp_path):
+    """Resuming on 2 ranks: each file's digest is computed by one rank only, and a corrupt file that
+    only rank 1 reads stops both ranks with the same line (no rank left waiting in a collective)."""
+    out = tmp_path / "r"
+    argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(out)]
+
+    def resume(name):
+        spawn(_resume_worker, (2, free_port(), argv + ["--resume"], str(tmp_path / name)), 2, timeout=120)
+        return [json.loads((tmp_path / f"{name}.{r}").read_text()) for r in range(2)]
+    spawn(_resume_worker, (2, free_port(), argv + ["--stop-after", "1"], str(tmp_path / "first")), 2, timeout=120)
+    ckpt = out / (out / "latest").read_text()
+    names = sorted(json.loads((ckpt / "state.json").read_text())["sha256"])
+    assert names == ["model.safetensors", "optim-tp0-dp0.pt", "optim-tp0-dp1.pt"]
+    good = (ckpt / "optim-tp0-dp0.pt").read_bytes()
+    (ckpt / "optim-tp0-dp0.pt").write_bytes(good[:100])                        # index 1: rank 1 checks it
+    bad = resume("bad")
+    assert bad[0]["message"] == bad[1]["message"]
+    assert bad[0]["message"].endswith("optim-tp0-dp0.pt: checksum mismatch, the file changed after it was saved")
+    (ckpt / "optim-tp0-dp0.pt").write_bytes(good)
+    ok = resume("ok")
+    assert [r["message"] for r in ok] == ["resumed", "resumed"]
+    assert sorted(ok[0]["hashed"] + ok[1]["hashed"]) == names                  # every file once, in all
+
+
 def test_init_from_our_checkpoint_takes_its_tokenizer(tokenizer, tmp_path):
     """--init with one of our checkpoints (the final one or a step-N/ one) continues with the tokenizer of
     its run, never a freshly trained one that numbers the tokens differently; without one it stops."""
