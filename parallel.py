@@ -76,6 +76,11 @@ def world_group(mesh):
     return dist.group.WORLD if mesh.world > 1 else None
 
 
+def barrier(mesh):
+    if mesh.world > 1:
+        dist.barrier()
+
+
 # ----------------------------------------------------------------------------- TP collectives
 
 class _CopyToTP(torch.autograd.Function):

@@ -21,3 +21,13 @@ def hf_llama(tmp_path_factory):
     from hf_oracles import make_hf_llama
     path = tmp_path_factory.mktemp("llama")
     return make_hf_llama(path), path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A byte-level BPE trained on the synthetic corpus (what a from-scratch tiny run trains), as a path."""
+    import data as D
+    import train as T
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    D.train_tokenizer(T.tokenizer_corpus(0, 128, n=300), 2048, path)
+    return str(path)

@@ -1,69 +1,16 @@
-"""train.py with several gloo processes on the CPU: ZeRO-2 and TP against one process, resume, checkpoints."""
+"""train.py: ZeRO-2 and TP on several gloo processes against one process, bad samples, the recipe and
+schedule, starts (base, pretrained parts, our checkpoint), evaluation, bf16, the plan."""
 import json
-import os
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import data as D
 import train as T
 import world as W
-from multiproc import free_port, spawn
 from parallel import Mesh
-
-COMMON = ["--size", "tiny", "--batch", "4", "--micro-batch", "2", "--max-len", "320", "--eval-per-task", "0", "--from-scratch",
-          "--log-every", "1", "--lr", "2e-3", "--projector-lr", "2e-3", "--seed", "3", "--dtype", "fp32"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    D.train_tokenizer(T.tokenizer_corpus(0, 128, n=300), 2048, path)
-    return str(path)
-
-
-def _worker(rank, world, port, argv, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    res = T.train(T.parse_args(argv))
-    info = {"losses": res["losses"], "state_bytes": res["opt"].state_bytes(), "rank": rank}
-    with open(f"{result_path}.{rank}", "w") as f:
-        json.dump(info, f)
-    torch.distributed.destroy_process_group()
-
-
-def run(world, argv, tmp_path, name):
-    """Run train() on `world` processes; returns per-rank results and the consolidated final weights."""
-    out = tmp_path / name
-    argv = argv + ["--out", str(out)]
-    result = tmp_path / f"{name}.json"
-    if world == 1:
-        res = T.train(T.parse_args(argv))
-        infos = [{"losses": res["losses"], "state_bytes": res["opt"].state_bytes()}]
-    else:
-        spawn(_worker, (world, free_port(), argv, str(result)), world)
-        infos = [json.loads(open(f"{result}.{r}").read()) for r in range(world)]
-    return infos, load_file(str(out / "model.safetensors"))
-
-
-def _assert_same(a, b, tol=1e-5):
-    (ia, wa), (ib, wb) = a, b
-    la, lb = torch.tensor(ia[0]["losses"]), torch.tensor(ib[0]["losses"])
-    torch.testing.assert_close(lb, la, rtol=tol, atol=0)
-    assert wa.keys() == wb.keys()
-    # Adam divides by sqrt(v): where a gradient element is ~0, summation-order noise (1e-7 relative)
-    # can move that element by a fraction of lr. So: every element within 0.1 lr, and all but a
-    # handful within 1e-5 (lr = 2e-3).
-    off = 0
-    for k in wa:
-        d = (wb[k] - wa[k]).abs()
-        assert d.max() <= 2e-4, (k, d.max())
-        off += int((d > 1e-5).sum())
-    assert off <= 1e-4 * sum(v.numel() for v in wa.values()), off
+from train_runs import COMMON, assert_same, run
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +20,7 @@ def single(tokenizer, tmp_path_factory):
 
 def test_dp2_zero2_matches_one_process(single, tokenizer, tmp_path):
     dp2 = run(2, COMMON + ["--steps", "3", "--tokenizer", tokenizer], tmp_path, "dp2")
-    _assert_same(single, dp2)
+    assert_same(single, dp2)
     assert dp2[0][0]["losses"][0] > dp2[0][0]["losses"][-1] > 0
     # ZeRO-2: each DP rank holds half of the gradient + optimizer state, up to one bucket's padding
     full, half = single[0][0]["state_bytes"], dp2[0][0]["state_bytes"]
@@ -82,7 +29,7 @@ def test_dp2_zero2_matches_one_process(single, tokenizer, tmp_path):
 
 def test_tp2_matches_one_process(single, tokenizer, tmp_path):
     tp2 = run(2, COMMON + ["--steps", "3", "--tp", "2", "--tokenizer", tokenizer], tmp_path, "tp2")
-    _assert_same(single, tp2)
+    assert_same(single, tp2)
     # plan.py counts what the runs hold: fp32 ZeRO-2 state (grad shard + master + moments) per rank.
     import plan as P
     cfg = T.M.sphinx_config("tiny")
@@ -91,13 +38,13 @@ def test_tp2_matches_one_process(single, tokenizer, tmp_path):
 
 
 def test_dp2_tp2_four_processes_match(single, tokenizer, tmp_path):
-    _assert_same(single, run(4, COMMON + ["--steps", "3", "--tp", "2", "--tokenizer", tokenizer], tmp_path, "dp2tp2"))
+    assert_same(single, run(4, COMMON + ["--steps", "3", "--tp", "2", "--tokenizer", tokenizer], tmp_path, "dp2tp2"))
 
 
 def test_tiny_moe_tp2_matches_one_process(tokenizer, tmp_path):
     argv = COMMON + ["--steps", "2", "--tokenizer", tokenizer]
     argv[1] = "tiny-moe"
-    _assert_same(run(1, argv, tmp_path, "moe1"), run(2, argv + ["--tp", "2"], tmp_path, "moe_tp2"))
+    assert_same(run(1, argv, tmp_path, "moe1"), run(2, argv + ["--tp", "2"], tmp_path, "moe_tp2"))
 
 
 def _mostly_bad_data(tmp_path, n_good, n_bad):
@@ -129,144 +76,6 @@ def test_all_samples_bad_stops_with_one_clear_line(tokenizer, tmp_path, capsys):
         T.train(T.parse_args(argv))
 
 
-def test_a_run_is_never_clobbered(tokenizer, tmp_path):
-    out = tmp_path / "run"
-    argv = COMMON + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "2", "--ckpt-every", "1"]
-    T.train(T.parse_args(argv))
-    trained = (out / "model.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="already holds a run; pass --resume .* or --overwrite"):
-        T.train(T.parse_args(argv))
-    assert (out / "model.safetensors").read_bytes() == trained
-    # The same step saved again (a resume with nothing left to do) gets a new name; `latest` names it,
-    # and rotation (by step, not by name) keeps it.
-    T.train(T.parse_args(argv + ["--resume"]))
-    assert (out / "latest").read_text() == "step-000002.1"
-    assert [p.name for p in T.checkpoints(out)] == ["step-000002", "step-000002.1"]
-    T.train(T.parse_args(argv + ["--overwrite", "--steps", "1"]))
-    assert [p.name for p in T.checkpoints(out)] == ["step-000001"]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-
-
-def test_a_run_directory_in_use_is_refused_and_a_dead_claim_taken_over(tokenizer, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    argv = COMMON + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "1"]
-    (out / "lock").write_text(str(os.getppid()))                       # a live process
-    with pytest.raises(SystemExit, match="in use by another run"):
-        T.train(T.parse_args(argv))
-    dead = mp.get_context("spawn").Process(target=time.sleep, args=(0,))
-    dead.start()
-    dead.join()
-    (out / "lock").write_text(str(dead.pid))
-    T.train(T.parse_args(argv))
-    assert (out / "model.safetensors").exists() and not (out / "lock").exists()
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match="is a file"):
-        T.train(T.parse_args(COMMON + ["--tokenizer", tokenizer, "--out", str(tmp_path / "file"), "--steps", "1"]))
-
-
-def test_kill_and_resume_equals_uninterrupted(tokenizer, tmp_path):
-    argv = COMMON + ["--steps", "4", "--ckpt-every", "2", "--tokenizer", tokenizer]
-    full = run(1, argv, tmp_path, "full")
-    out = tmp_path / "killed"
-    T.train(T.parse_args(argv + ["--out", str(out), "--stop-after", "2"]))      # "killed" after the step-2 checkpoint
-    assert (out / "latest").read_text() == "step-000002"
-    resumed = run(1, argv + ["--resume"], tmp_path, "killed")
-    _assert_same(full, resumed, tol=0)
-    # the same checkpoint resumed on two data-parallel ranks continues with the same losses
-    out2 = tmp_path / "killed2"
-    T.train(T.parse_args(argv + ["--out", str(out2), "--stop-after", "2"]))
-    _assert_same(full, run(2, argv + ["--resume"], tmp_path, "killed2"))
-
-
-def test_corrupt_checkpoint_fails_clearly_and_crash_keeps_previous(tokenizer, tmp_path, monkeypatch):
-    argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer]
-    out = tmp_path / "c"
-    T.train(T.parse_args(argv + ["--out", str(out), "--stop-after", "1"]))
-    ckpt = out / (out / "latest").read_text()
-    shard_file = ckpt / "optim-tp0-dp0.pt"
-    good = shard_file.read_bytes()
-    shard_file.write_bytes(good[:100])
-    with pytest.raises(T.CheckpointError, match=r"optim-tp0-dp0.pt: checksum mismatch"):
-        T.train(T.parse_args(argv + ["--out", str(out), "--resume"]))
-    shard_file.write_bytes(good)
-    # One flipped byte in the weights' data (past the header) is refused by name too.
-    weights = ckpt / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-50] ^= 0x40
-    weights.write_bytes(bytes(data))
-    with pytest.raises(T.CheckpointError, match=r"step-000001/model.safetensors: checksum mismatch"):
-        T.train(T.parse_args(argv + ["--out", str(out), "--resume"]))
-    # ... and by sample.py's loader (the run's top-level copy carries the tensors' digest in its metadata).
-    top = bytearray((out / "model.safetensors").read_bytes())
-    top[-50] ^= 0x40
-    (tmp_path / "flipped.safetensors").write_bytes(bytes(top))
-    with pytest.raises(T.CheckpointError, match="flipped.safetensors: checksum mismatch"):
-        T.L.load_sphinx(tmp_path / "flipped.safetensors")
-    # A crash in the middle of writing the next checkpoint leaves `latest` on the previous one.
-    out = tmp_path / "d"
-    T.train(T.parse_args(argv + ["--out", str(out), "--stop-after", "1"]))
-    before = (out / "latest").read_text()
-    real_save = torch.save
-
-    def crash(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        raise KeyboardInterrupt("killed mid-save")
-    monkeypatch.setattr(T.torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        T.train(T.parse_args(argv + ["--out", str(out), "--resume"]))
-    monkeypatch.undo()
-    assert (out / "latest").read_text() == before
-    res = T.train(T.parse_args(argv + ["--out", str(out), "--resume"]))
-    assert len(res["losses"]) == 2
-
-
-def _resume_worker(rank, world, port, argv, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    hashed, loading, real_sha, real_load = [], [True], T.file_sha256, T.load_checkpoint
-
-    def load(*a, **k):                      # record the digests of the resume only, not of the next save's
-        try:
-            return real_load(*a, **k)
-        finally:
-            loading[0] = False
-    T.file_sha256 = lambda path: (hashed.append(path.name) if loading[0] else None) or real_sha(path)
-    T.load_checkpoint = load
-    try:
-        T.train(T.parse_args(argv))
-        message = "resumed"
-    except T.CheckpointError as e:
-        message = str(e)
-    with open(f"{result_path}.{rank}", "w") as f:
-        json.dump({"message": message, "hashed": hashed}, f)
-
-
-def test_digests_are_checked_once_per_run_and_a_bad_file_stops_every_rank(tokenizer, tmp_path):
-    """Resuming on 2 ranks: each file's digest is computed by one rank only, and a corrupt file that
-    only rank 1 reads stops both ranks with the same line (no rank left waiting in a collective)."""
-    out = tmp_path / "r"
-    argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(out)]
-
-    def resume(name):
-        spawn(_resume_worker, (2, free_port(), argv + ["--resume"], str(tmp_path / name)), 2, timeout=120)
-        return [json.loads((tmp_path / f"{name}.{r}").read_text()) for r in range(2)]
-    spawn(_resume_worker, (2, free_port(), argv + ["--stop-after", "1"], str(tmp_path / "first")), 2, timeout=120)
-    ckpt = out / (out / "latest").read_text()
-    names = sorted(json.loads((ckpt / "state.json").read_text())["sha256"])
-    assert names == ["model.safetensors", "optim-tp0-dp0.pt", "optim-tp0-dp1.pt"]
-    good = (ckpt / "optim-tp0-dp0.pt").read_bytes()
-    (ckpt / "optim-tp0-dp0.pt").write_bytes(good[:100])                        # index 1: rank 1 checks it
-    bad = resume("bad")
-    assert bad[0]["message"] == bad[1]["message"]
-    assert bad[0]["message"].endswith("optim-tp0-dp0.pt: checksum mismatch, the file changed after it was saved")
-    (ckpt / "optim-tp0-dp0.pt").write_bytes(good)
-    ok = resume("ok")
-    assert [r["message"] for r in ok] == ["resumed", "resumed"]
-    assert sorted(ok[0]["hashed"] + ok[1]["hashed"]) == names                  # every file once, in all
-
-
 def test_init_from_our_checkpoint_takes_its_tokenizer(tokenizer, tmp_path):
     """--init with one of our checkpoints (the final one or a step-N/ one) continues with the tokenizer of
     its run, never a freshly trained one that numbers the tokens differently; without one it stops."""
@@ -283,18 +92,6 @@ def test_init_from_our_checkpoint_takes_its_tokenizer(tokenizer, tmp_path):
     shutil.copyfile(first / "model.safetensors", tmp_path / "lone" / "model.safetensors")
     with pytest.raises(SystemExit, match="no tokenizer.json in its run directory; pass the one it was trained with"):
         T.train(T.parse_args(plain + ["--init", str(tmp_path / "lone" / "model.safetensors"), "--out", str(tmp_path / "x")]))
-
-
-def test_resume_refuses_changed_settings_and_trims_the_metrics(tokenizer, tmp_path):
-    out = tmp_path / "r"
-    argv = COMMON + ["--steps", "4", "--ckpt-every", "2", "--tokenizer", tokenizer, "--out", str(out)]
-    T.train(T.parse_args(argv + ["--stop-after", "3"]))             # metrics to step 3, checkpoint at 2
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
-    with pytest.raises(T.CheckpointError, match=r"other settings than the run's \(--steps 4 -> 5; --lr 0.002 -> 0.001\)"):
-        T.train(T.parse_args(argv[:-1] + [str(out), "--steps", "5", "--lr", "1e-3", "--resume"]))
-    T.train(T.parse_args(argv + ["--resume"]))
-    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]                                     # step 3's stale line went with the resume
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
@@ -410,24 +207,6 @@ def test_paper_start_from_pretrained_parts_with_epochs(tmp_path, monkeypatch, ca
         T.parse_args(["--size", "sphinx-tiny"])                 # synthetic data and no --steps
 
 
-def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tokenizer, tmp_path, monkeypatch, capsys):
-    import errno
-    out = tmp_path / "full"
-    argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(out)]
-
-    def no_space(obj, f, *a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(f))
-    real = T.torch.save
-    calls = []
-    monkeypatch.setattr(T.torch, "save", lambda *a, **k: (calls.append(1), (real if len(calls) == 1 else no_space)(*a, **k))[1])
-    with pytest.raises(SystemExit) as e:
-        T.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: disk full (") and "optim-tp0-dp0.pt" in err[0]
-    assert (out / "latest").read_text() == "step-000001" and not list(out.glob(".tmp-*"))
-
-
 def test_corrupt_tokenizer_json_is_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer.json"):
@@ -443,20 +222,6 @@ def test_cli_misuse_is_one_line(flag, value, message, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--size", "tiny", f"{flag}={value}"])
     assert message in capsys.readouterr().err
-
-
-def test_damaged_metadata_and_state_are_one_line(tokenizer, tmp_path):
-    from safetensors.torch import save_file
-    save_file({"x": torch.zeros(2)}, str(tmp_path / "m.safetensors"), metadata={"format": "sphinx-x"})
-    with pytest.raises(T.CheckpointError, match="m.safetensors: its metadata has no 'config'"):
-        T.L.load_sphinx(tmp_path / "m.safetensors")
-    out = tmp_path / "s"
-    argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(out)]
-    T.train(T.parse_args(argv + ["--stop-after", "1"]))
-    state = out / "step-000001" / "state.json"
-    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "rng"}))
-    with pytest.raises(T.CheckpointError, match=r"state.json: unreadable or incomplete \(KeyError: 'rng'\)"):
-        T.train(T.parse_args(argv + ["--resume"]))
 
 
 def test_bf16_training_follows_fp32(tokenizer, tmp_path):
