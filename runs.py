@@ -34,7 +34,7 @@ def check_spread(mesh, checks: list):
     for i in range(mesh.rank, len(checks), mesh.world):
         try:
             checks[i]()
-        except CheckpointError:
+        except (CheckpointError, OSError):                  # an unreadable file too: no rank may leave alone
             first = i
             break
     first = int(all_reduce(torch.tensor([first]), world_group(mesh), op=dist.ReduceOp.MIN)[0])
