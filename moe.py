@@ -316,13 +316,17 @@ class SwiGLUExperts(torch.autograd.Function):
         return *swiglu_backward(ctx.path, dy.contiguous(), x, w1, w3, w2, ctx.plan, h1, h3), None, None
 
 
-def swiglu_experts(x, w1, w3, w2, offsets, path: str):
-    """The SwiGLU experts on rows grouped by expert, by one of PATHS or "reference". Autocast is off
-    inside: every path computes in its inputs' dtype (the model's), as _grouped_mm and Triton do anyway."""
+def swiglu_experts(x, w1, w3, w2, offsets, path: str, chooser: ExpertPathChooser | None = None):
+    """The SwiGLU experts on rows grouped by expert, by one of PATHS, "reference", or "auto" (Triton on a
+    GPU, else the chooser's pick). Autocast is off inside, the choice's timing included: every path
+    computes in its inputs' dtype (the model's), as _grouped_mm and Triton do anyway."""
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
     with torch.autocast(x.device.type, enabled=False):
+        if path == "auto":
+            path = "triton" if x.is_cuda else chooser(x, w1, w3, w2, offsets, grads)
         if path == "reference":
             return swiglu_reference(x, w1, w3, w2, offsets)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))):
+        if not grads:
             return swiglu_forward(PATHS[path], x, w1, w3, w2, offsets)[0]     # inference: no autograd node
         return SwiGLUExperts.apply(x, w1, w3, w2, offsets, PATHS[path])
 
@@ -339,8 +343,7 @@ class ExpertPathChooser:
         self.best: dict[tuple, str] = {}
         self.timings: dict[tuple, dict[str, float]] = {}
 
-    def __call__(self, x, w1, w3, w2, offsets) -> str:
-        grads = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad)
+    def __call__(self, x, w1, w3, w2, offsets, grads: bool) -> str:
         key = (1 << max(x.shape[0] - 1, 0).bit_length(), tuple(w1.shape), tuple(w2.shape), x.dtype, grads)
         if key not in self.best:
             self.timings[key] = self.time_paths(grads, x, w1, w3, w2, offsets)
@@ -426,10 +429,8 @@ class MoEFeedForward(nn.Module):
         if self.usage is not None:
             self.usage += counts.to(self.usage.device)
         token = order // self.top_k
-        rows, path = x.index_select(0, token), self.path        # backward: index_add_, ~5x faster than x[token]'s
-        if path == "auto":
-            path = "triton" if rows.is_cuda else self.chooser(rows, self.w1, self.w3, self.w2, offsets)
-        y = swiglu_experts(rows, self.w1, self.w3, self.w2, offsets, path)
+        rows = x.index_select(0, token)                         # backward: index_add_, ~5x faster than x[token]'s
+        y = swiglu_experts(rows, self.w1, self.w3, self.w2, offsets, self.path, self.chooser)
         y = y * top_w.flatten().index_select(0, order)[:, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y).view(shape)
 

@@ -71,7 +71,7 @@ def test_every_path_runs_in_the_models_dtype_under_autocast():
     layer.init_weights(0.3)
     x = torch.randn(20, 32)
     outs = {}
-    for path in ("reference", "grouped", "loop", "padded"):
+    for path in ("reference", "grouped", "loop", "padded", "auto"):     # auto: the chooser times with autocast off
         layer.path, layer.w1.grad = path, None
         xg = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -95,13 +95,12 @@ def test_chooser_takes_the_fastest_per_bucket_and_remembers(monkeypatch):
         return dict(fake)
     monkeypatch.setattr(moe.ExpertPathChooser, "time_paths", time_paths)
     chooser = moe.ExpertPathChooser()
-    assert chooser(x, *ws, offsets) == "loop"
-    assert chooser(x[:9], *ws, torch.tensor([3, 3, 9, 9])) == "loop" and len(timed) == 1   # 9 and 12 rows: bucket 16
+    assert chooser(x, *ws, offsets, True) == "loop"
+    assert chooser(x[:9], *ws, torch.tensor([3, 3, 9, 9]), True) == "loop" and len(timed) == 1   # 9 and 12 rows: bucket 16
     fake["loop"] = 9.0
-    with torch.no_grad():                                   # no gradients: its own bucket, timed anew
-        assert chooser(x, *ws, offsets) == "padded"
+    assert chooser(x, *ws, offsets, False) == "padded"     # no gradients: its own bucket, timed anew
     assert timed == [True, False]
-    assert chooser(x[:3], *ws, torch.tensor([3, 3, 3, 3])) == "padded" and len(timed) == 3   # 3 rows: bucket 4
+    assert chooser(x[:3], *ws, torch.tensor([3, 3, 3, 3]), True) == "padded" and len(timed) == 3   # 3 rows: bucket 4
 
 
 def test_chooser_times_real_paths_without_side_effects():
@@ -111,7 +110,7 @@ def test_chooser_times_real_paths_without_side_effects():
     x, offsets = torch.randn(10, d), torch.tensor([2, 5, 5, 10])
     rng = torch.get_rng_state()
     chooser = moe.ExpertPathChooser()
-    best = chooser(x, *ws, offsets)
+    best = chooser(x, *ws, offsets, True)
     (timings,) = chooser.timings.values()
     assert timings["grouped"] == float("inf") and best in ("loop", "padded")
     assert 0 < timings[best] == min(timings.values()) < 1
