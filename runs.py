@@ -172,8 +172,9 @@ def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
         raise CheckpointError(f"{ckpt / 'state.json'}: unreadable or incomplete ({type(e).__name__}: {e})") from None
     if tp != mesh.tp:
         raise CheckpointError(f"{ckpt}: saved with TP {tp}, resuming needs the same TP (got {mesh.tp})")
-    changed = [f"--{k.replace('_', '-')} {old} -> {new}" for k, old in meta.get("settings", {}).items()
-               if (new := run_settings(args).get(k)) != old]
+    now = run_settings(args)
+    changed = [f"--{k.replace('_', '-')} {old} -> {now.get(k)}" for k, old in meta.get("settings", {}).items()
+               if now.get(k) != old]
     if changed:
         raise CheckpointError(f"{ckpt}: resuming with other settings than the run's ({'; '.join(changed)}); "
                               "resume with the run's flags, or start a new run")
