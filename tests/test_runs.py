@@ -128,6 +128,7 @@ def _resume_worker(rank, world, port, argv, result_path):
         message = str(e)
     with open(f"{result_path}.{rank}", "w") as f:
         json.dump({"message": message, "hashed": hashed}, f)
+    torch.distributed.destroy_process_group()      # as train.main does: exiting with a live gloo group can abort
 
 
 def test_digests_are_checked_once_per_run_and_a_bad_file_stops_every_rank(tokenizer, tmp_path):
