@@ -60,7 +60,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}      # the --dtype choi
 
 def best_seconds(fn, repeat: int = 3, device="cpu") -> float:
     """The fastest of `repeat` timed calls of fn, after one warm-up call (synchronising a GPU)."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    kind = torch.device(device).type
+    sync = getattr(torch, kind).synchronize if kind in ("cuda", "mps") else (lambda: None)
     fn()
     best = float("inf")
     for _ in range(repeat):
@@ -87,6 +88,10 @@ def pick_dtype(choice: str, device="cpu", measure=matmul_flops, what: str = "mat
         return choice, "as asked"
     if torch.device(device).type == "cuda":
         return "bf16", "a GPU"
+    if torch.device(device).type == "mps":     # torch computes bf16 on Apple GPUs from macOS 14 on
+        if torch.backends.mps.is_macos_or_newer(14, 0):
+            return "bf16", "an Apple GPU on macOS >= 14"
+        return "fp32", "an Apple GPU before macOS 14 (no bf16 there)"
     f32, b16 = measure(torch.float32), measure(torch.bfloat16)
     return ("bf16" if b16 > 1.5 * f32 else "fp32"), f"{what} measured here: bf16 {b16 / 1e9:.0f} vs fp32 {f32 / 1e9:.0f} GFLOP/s"
 

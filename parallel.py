@@ -44,6 +44,8 @@ def setup_mesh(tp: int, device: str = "cpu") -> Mesh:
     rank = int(os.environ.get("RANK", "0"))
     if world % tp:
         raise SystemExit(f"--tp {tp} does not divide the {world} processes")
+    if device == "mps" and world > 1:
+        raise SystemExit("--device mps runs one process (gloo reduces CPU tensors only); start it without torchrun")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dp_group = tp_group = None

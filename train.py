@@ -46,6 +46,13 @@ RECIPES = {
 DEFAULT_BASE = Path(__file__).resolve().parent / "base" / "tiny.safetensors"   # shipped; pretrain.py remakes it
 
 
+def default_device() -> str:
+    """The first of cuda, mps (Apple silicon), cpu that this machine has."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", help=f"one of {', '.join(M.SIZES)}")
@@ -62,7 +69,7 @@ def parse_args(argv=None):
                    help="peak lr of the fresh parts (projector, image tags, skip token); default --lr")
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first of them this machine has)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="weights and activations; auto: bf16 on a GPU, on a CPU whichever its matmuls measure "
                         "faster; master weights and AdamW moments stay fp32")
@@ -99,11 +106,13 @@ def parse_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = Path(args.out or f"out/{args.size}")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device not in ("cpu", "cuda"):
-        p.error(f"--device must be cpu or cuda, not {args.device!r} (the rank picks its GPU from LOCAL_RANK)")
+    args.device = args.device or default_device()
+    if args.device not in ("cpu", "cuda", "mps"):
+        p.error(f"--device must be cpu, cuda or mps, not {args.device!r} (the rank picks its GPU from LOCAL_RANK)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this machine has no CUDA GPU")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        p.error("--device mps: this machine has no Apple GPU (MPS) available")
     if args.size.startswith("tiny") and not (args.from_scratch or args.init or args.base):
         args.base = str(DEFAULT_BASE)
     if args.base and not Path(args.base).exists():

@@ -3,7 +3,7 @@
     python bench/bench_moe.py                  # 8 experts, top-2, d=512, ffn=1024; 4096, 16 and 1 tokens; fp32
     python bench/bench_moe.py --dtype bf16     # every implementation's weights and inputs in bf16
 
-"ours (auto)" is what a model runs: moe.ExpertPathChooser's pick for the shape, timed once before the
+"ours (auto)" is what a model runs: moe_kernels.ExpertPathChooser's pick for the shape, timed once before the
 measurement (the pick is printed); the "ours, path=..." rows show every CPU path it chose from.
 Implementations are measured in turn, round after round, and each row is its median.
 """
@@ -17,6 +17,7 @@ import transformers
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 import moe
+import moe_kernels
 
 p = argparse.ArgumentParser()
 p.add_argument("--experts", type=int, default=8)
@@ -71,7 +72,7 @@ for impl in ("eager", "grouped_mm"):
            "grouped_mm": "transformers, experts_implementation=grouped_mm"}[impl]] = hf
 impls["naive per-expert loop"] = NaiveLoop(ours)
 impls["ours (auto)"] = ours
-for path in moe.ExpertPathChooser.CANDIDATES:
+for path in moe_kernels.ExpertPathChooser.CANDIDATES:
     fixed = moe.MoEFeedForward(d, H, E, k)
     fixed.load_state_dict(ours.state_dict())
     fixed.path = path

@@ -242,3 +242,11 @@ def test_dtype_is_chosen_by_measurement_or_as_asked():
     assert M.pick_dtype("bf16", "cpu", slow_bf16) == ("bf16", "as asked")
     assert M.pick_dtype("auto", "cuda", slow_bf16) == ("bf16", "a GPU")
     assert M.matmul_flops(torch.float32, 64) > 0
+
+
+@pytest.mark.parametrize("macos14,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_dtype_on_mps_follows_what_torch_supports(monkeypatch, macos14, expected):
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos14)
+    never = lambda dtype: pytest.fail("an Apple GPU's precision is not timed")
+    dtype, why = M.pick_dtype("auto", "mps", measure=never)
+    assert dtype == expected and "Apple GPU" in why

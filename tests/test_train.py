@@ -250,3 +250,17 @@ def test_plan_weight_bytes_are_what_a_run_allocates(single, tokenizer, tmp_path)
     q = P.plan(model.cfg, dp=4, weight_bytes=4, checkpointing=True)
     assert q["weights"] == p["weights"] and abs(q["zero2_state"] - p["zero2_state"] / 4) <= 16 * 4
     assert q["activations"] < p["activations"]
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_default_device_is_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert T.parse_args(["--size", "tiny", "--steps", "1"]).device == expected
+
+
+def test_mps_without_an_apple_gpu_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        T.parse_args(["--size", "tiny", "--steps", "1", "--device", "mps"])
+    assert "no Apple GPU" in capsys.readouterr().err
