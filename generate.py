@@ -5,24 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from model import Sphinx, Transformer, best_seconds
+from model import Sphinx, Transformer
 from parallel import gather_vocab
 from tiling import Tiles
-
-
-def decode_matvec_flops(cfg, dtype, head_rows: int = 8192) -> float:
-    """FLOP/s here of what decoding one token is made of: matrix-vector products at the model's own shapes
-    (an FFN's three and the output head, capped at head_rows rows), best of 3. sample.py picks its
-    precision by this, not by big matmuls: at d=256 a bf16 matvec is ~2x slower than fp32 even on an
-    AVX-512-BF16 CPU, at d=1024 with a 32k vocabulary ~1.8x faster."""
-    shapes = [(cfg.ffn_dim, cfg.dim), (cfg.ffn_dim, cfg.dim), (cfg.dim, cfg.ffn_dim), (min(cfg.vocab_size, head_rows), cfg.dim)]
-    ws = [torch.empty(r, c, dtype=dtype).uniform_(-0.1, 0.1) for r, c in shapes]
-    xs = [torch.ones(1, c, dtype=dtype) for _, c in shapes]
-    def ten_tokens():
-        for _ in range(10):
-            for x, w in zip(xs, ws):
-                torch.nn.functional.linear(x, w)
-    return 10 * sum(2 * r * c for r, c in shapes) / best_seconds(ten_tokens)
 
 
 def prefill(llm: Transformer, embeds) -> torch.Tensor:

@@ -8,7 +8,6 @@ our checkpoints, the tiny base, the paper's pretrained parts) are in loading.py,
 Parameter names follow the LLaMA2-Accessory reference code (wq/wk/wv/wo, w1/w2/w3)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,7 +20,7 @@ from data import IGNORE_INDEX      # the targets' "no loss here" label (image, p
 from moe import ExpertPathChooser, MoEFeedForward
 from parallel import copy_to_tp, cross_entropy_sum, reduce_from_tp, vocab_parallel_embedding
 from tiling import ImageLayout, Tiles
-from vision import CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, QFormerConfig, ViTConfig
+from vision import CONVNEXT_CONFIGS, VIT_CONFIGS, ConvNeXtConfig, MixtureOfVisualExperts, ViTConfig
 
 
 # ----------------------------------------------------------------------------- config
@@ -58,42 +57,33 @@ class ModelConfig:
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}      # the --dtype choices of train.py and sample.py
 
 
-def best_seconds(fn, repeat: int = 3, device="cpu") -> float:
-    """The fastest of `repeat` timed calls of fn, after one warm-up call (synchronising a GPU)."""
-    kind = torch.device(device).type
-    sync = getattr(torch, kind).synchronize if kind in ("cuda", "mps") else (lambda: None)
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (AVX-512-BF16 or AMX), as torch itself reports."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                         "_is_amx_tile_supported"))
 
 
-def matmul_flops(dtype, n: int = 512, device="cpu") -> float:
-    """FLOP/s of an n^3 matmul in `dtype` here (best of 3, after a warm-up): a few ms."""
-    gen = torch.Generator().manual_seed(0)                # its own generator: the run's RNG is untouched
-    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
-    return 2 * n ** 3 / best_seconds(lambda: a @ b, device=device)
-
-
-def pick_dtype(choice: str, device="cpu", measure=matmul_flops, what: str = "matmuls") -> tuple[str, str]:
-    """--dtype auto|bf16|fp32 -> (bf16 or fp32, why). auto: bf16 on a GPU; on a CPU, bf16 where its
-    matmuls measure clearly faster (AVX-512-BF16 / AMX CPUs: ~4x fp32), fp32 otherwise (AVX2-only CPUs run
-    bf16 ~100x slower). Master weights, norms, router softmax and loss stay fp32 either way."""
+def pick_dtype(choice: str, device="cpu", decode_dim: int | None = None, has_bf16=cpu_has_bf16) -> tuple[str, str]:
+    """--dtype auto|bf16|fp32 -> (bf16 or fp32, why), from the device and the CPU's instructions alone, so a
+    run's choice never depends on how busy the machine is. auto: bf16 on a CUDA GPU and on Apple GPUs from
+    macOS 14 (where torch has bf16 there); on a CPU, bf16 where it has bf16 instructions (measured on an
+    AVX-512-BF16 EPYC: bf16 matmuls ~4x fp32; AVX2-only CPUs run bf16 ~100x slower). Decoding
+    (decode_dim = the LLM width) is matrix-vector products: bf16 pays only from d ~1024 (measured at d=256:
+    ~2x slower than fp32, at d=1024: ~1.8x faster). Master weights, norms, router softmax and loss stay fp32."""
     if choice != "auto":
         return choice, "as asked"
-    if torch.device(device).type == "cuda":
+    kind = torch.device(device).type
+    if kind == "cuda":
         return "bf16", "a GPU"
-    if torch.device(device).type == "mps":     # torch computes bf16 on Apple GPUs from macOS 14 on
+    if kind == "mps":
         if torch.backends.mps.is_macos_or_newer(14, 0):
             return "bf16", "an Apple GPU on macOS >= 14"
         return "fp32", "an Apple GPU before macOS 14 (no bf16 there)"
-    f32, b16 = measure(torch.float32), measure(torch.bfloat16)
-    return ("bf16" if b16 > 1.5 * f32 else "fp32"), f"{what} measured here: bf16 {b16 / 1e9:.0f} vs fp32 {f32 / 1e9:.0f} GFLOP/s"
+    if not has_bf16():
+        return "fp32", "this CPU has no bf16 matmul instructions (AVX-512-BF16 or AMX)"
+    if decode_dim is not None and decode_dim < 1024:
+        return "fp32", f"decoding at d={decode_dim}: bf16 matrix-vector products are slower there"
+    return "bf16", "this CPU has bf16 matmul instructions"
 
 
 # The paper's LLMs (exact published configs) and small sizes that train on a CPU.
@@ -375,13 +365,6 @@ class SphinxConfig:
     canvas: int = 448            # 448 -> 2x2 sub-images of 224; 672 -> 3x3 (SPHINX-Plus-2K)
     grid: int = 2
     skip_tokens: bool = True     # False: every sub-image is encoded (ablations, reference checkpoints)
-    # "reference": the released models' image path (tiling.reference_tile + MoV.reference_tokens): photo
-    # centred on a 1024 canvas, ConvNeXt on 512 views, DINOv2 on 224 views, no skip tokens.
-    image_path: str = "ours"
-    # The original SPHINX's two further encoders, which SPHINX-MoE-1k (mixtral_sparse_ens5) keeps: a CLIP
-    # ViT-L/14 beside ConvNeXt and DINOv2, and a BLIP-2 Q-Former whose queries come first in each view.
-    clip: ViTConfig | None = None
-    qformer: QFormerConfig | None = None
 
     @property
     def view_size(self) -> int:
@@ -418,11 +401,13 @@ class Sphinx(nn.Module):
     skip token for a fully padded sub-image, which is never encoded (paper Sec. 3.1).
     """
 
-    def __init__(self, cfg: SphinxConfig, tp_group=None):
+    def __init__(self, cfg: SphinxConfig, tp_group=None, mov: MixtureOfVisualExperts | None = None):
         super().__init__()
         self.cfg = cfg
         d = cfg.llm.dim
-        self.mov = MixtureOfVisualExperts(cfg.convnext, cfg.vit, d, cfg.clip, cfg.qformer)
+        # The one seam for another image path (formats/released_vision.py's ReleasedMoV): it brings its
+        # own layout (how a photo becomes views) and encode_images; everything else is shared.
+        self.mov = mov or MixtureOfVisualExperts(cfg.convnext, cfg.vit, d)
         self.begin_of_image = nn.Parameter(torch.zeros(d))
         self.end_of_image = nn.Parameter(torch.zeros(d))
         self.skip_token = nn.Parameter(torch.zeros(d))
@@ -437,10 +422,7 @@ class Sphinx(nn.Module):
 
     @property
     def layout(self) -> ImageLayout:
-        if self.cfg.image_path == "reference":       # DINOv2 fixes the grid: 224-pixel views
-            return ImageLayout(self.cfg.canvas, 2, self.mov.tokens_per_view(224), False, reference=True)
-        return ImageLayout(self.cfg.canvas, self.cfg.grid, self.mov.tokens_per_view(self.cfg.view_size),
-                           self.cfg.skip_tokens)
+        return self.mov.layout(self.cfg.canvas, self.cfg.grid, self.cfg.skip_tokens)
 
     def image_cost(self, tiles: Tiles) -> dict:
         """What one image costs: views through the encoders, skip tokens, LLM positions."""
@@ -451,15 +433,10 @@ class Sphinx(nn.Module):
 
     def image_blocks(self, images: list[Tiles | None]) -> list[torch.Tensor | None]:
         """(L_i, d) image block per sample; all encoded views of the batch go through MoV at once."""
-        dev, dt = self.skip_token.device, self.skip_token.dtype
         layout = self.layout
         encoded = [None if t is None else layout.encoded(t.fully_padded) for t in images]
-        if any(t is not None and t.reference for t in images):      # the released models' path
-            canvases = torch.cat([t.views for t in images if t is not None]).to(dev, dt)
-            feats = self.mov.reference_forward(canvases, self.llm.tp_group)
-        else:
-            views = [v for t, enc in zip(images, encoded) if t is not None for v, e in zip(t.views, enc) if e]
-            feats = self.mov(torch.stack(views).to(dev, dt), self.llm.tp_group) if views else None
+        present = [(t, e) for t, e in zip(images, encoded) if t is not None]
+        feats = self.mov.encode_images([t for t, _ in present], [e for _, e in present], self.llm.tp_group)
         blocks, k = [], 0
         for enc in encoded:
             if enc is None:
@@ -503,9 +480,11 @@ class Sphinx(nn.Module):
                         loss_only=loss_only)
 
 
-def build_sphinx(cfg: SphinxConfig, device="cpu", dtype=torch.float32, init: bool = True, tp_group=None) -> Sphinx:
+def build_sphinx(cfg: SphinxConfig, device="cpu", dtype=torch.float32, init: bool = True, tp_group=None,
+                 mov=None) -> Sphinx:
+    """mov: a callable that builds another image path's MoV (on the meta device, as the rest)."""
     with torch.device("meta"):
-        model = Sphinx(cfg, tp_group)
+        model = Sphinx(cfg, tp_group, mov() if mov else None)
     if init:
         materialise(model, device, dtype)
     model.mov.freeze_encoders()

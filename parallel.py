@@ -36,6 +36,10 @@ class Mesh:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def world_group(self):
+        return dist.group.WORLD if self.world > 1 else None
+
 
 def setup_mesh(tp: int, device: str = "cpu") -> Mesh:
     """world = dp x tp; TP ranks are adjacent (rank = dp_rank * tp + tp_rank), as in Megatron.
@@ -43,9 +47,9 @@ def setup_mesh(tp: int, device: str = "cpu") -> Mesh:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world % tp:
-        raise SystemExit(f"--tp {tp} does not divide the {world} processes")
+        raise ValueError(f"--tp {tp} does not divide the {world} processes")
     if device == "mps" and world > 1:
-        raise SystemExit("--device mps runs one process (gloo reduces CPU tensors only); start it without torchrun")
+        raise ValueError("--device mps runs one process (gloo reduces CPU tensors only); start it without torchrun")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dp_group = tp_group = None
@@ -75,7 +79,14 @@ def all_reduce(t, group, op=None):
 
 
 def world_group(mesh):
-    return dist.group.WORLD if mesh.world > 1 else None
+    return mesh.world_group
+
+
+def agree(group, value, op: str = "sum") -> float:
+    """Every rank of `group` ends with the same number: the sum (or max, min) of each rank's flag or count.
+    How ranks agree to stop, skip, or refuse together instead of leaving the others in a collective."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    return all_reduce(torch.tensor(float(value), dtype=torch.float64), group, ops[op]).item()
 
 
 def barrier(mesh):

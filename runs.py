@@ -21,7 +21,7 @@ import loading as L
 import model as M
 from checkpoint import (CheckpointError, file_sha256, iter_safetensors, load_state_strict, read_safetensors_metadata,
                         unique_state_dict)
-from parallel import all_reduce, barrier, unshard, world_group
+from parallel import agree, barrier, unshard
 from zero import ZeRO2
 
 
@@ -37,7 +37,7 @@ def check_spread(mesh, checks: list):
         except (CheckpointError, OSError):                  # an unreadable file too: no rank may leave alone
             first = i
             break
-    first = int(all_reduce(torch.tensor([first]), world_group(mesh), op=dist.ReduceOp.MIN)[0])
+    first = int(agree(mesh.world_group, first, "min"))
     if first < len(checks):
         checks[first]()
         raise CheckpointError(f"check {first} failed on another rank but passes here (a file changing?)")
@@ -66,7 +66,7 @@ def save_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher, step: int
     except (OSError, RuntimeError) as e:   # a full disk: every rank must hear of it, or the others hang
         full = shutil.disk_usage(args.out).free < 64 << 20
         failed = e if isinstance(e, OSError) else OSError(errno.ENOSPC if full else errno.EIO, str(e), str(tmp))
-    if all_reduce(torch.tensor(float(failed is not None)), world_group(mesh)).item():
+    if agree(mesh.world_group, failed is not None):
         if mesh.is_main:
             shutil.rmtree(tmp, ignore_errors=True)      # the previous checkpoint stays the latest
         raise failed or OSError(errno.EIO, "another rank failed to write its part of the checkpoint", str(tmp))
@@ -106,11 +106,32 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted((p for p in out.glob("step-*") if re.fullmatch(r"step-\d+(\.\d+)?", p.name)), key=order)
 
 
+class RunError(ValueError):
+    """A run that cannot start or go on as asked: one line for the user."""
+
+
+def run_dtype(args, mesh) -> tuple[str, str]:
+    """The run's precision, chosen once: a fresh run resolves --dtype on the main rank (model.pick_dtype: from
+    the device and the CPU's instructions, never a timing), every rank takes that choice, and run.json in
+    the run directory records it; a resume reads it back, so it trains on in the precision it started in."""
+    path = args.out / "run.json"
+    if args.resume and path.exists():
+        rec = json.loads(path.read_text())
+        return rec["dtype"], f"{rec['why']}; recorded when the run started"
+    dtype, why = M.pick_dtype(args.dtype, args.device) if mesh.is_main else ("fp32", "")
+    if agree(mesh.world_group, dtype == "bf16"):          # the main rank's choice, on every rank
+        dtype, why = "bf16", why or "the main rank's choice"
+    if mesh.is_main:
+        _atomic_write(path, json.dumps({"dtype": dtype, "why": why, "asked": args.dtype}))
+    barrier(mesh)
+    return dtype, why
+
+
 def claim_run_dir(args) -> Path:
     """Refuse to clobber a run: an existing run needs --resume or --overwrite, and a run directory
     another live process has claimed is refused. The claim is a `lock` file holding the pid."""
     if args.out.exists() and not args.out.is_dir():
-        raise SystemExit(f"--out {args.out} is a file, not a directory")
+        raise RunError(f"--out {args.out} is a file, not a directory")
     args.out.mkdir(parents=True, exist_ok=True)
     lock = args.out / "lock"
     try:
@@ -118,7 +139,7 @@ def claim_run_dir(args) -> Path:
     except FileExistsError:
         pid = int(lock.read_text().strip() or 0)
         if pid and _alive(pid):
-            raise SystemExit(f"{args.out} is in use by another run (pid {pid}); wait for it or use another --out") from None
+            raise RunError(f"{args.out} is in use by another run (pid {pid}); wait for it or use another --out") from None
         lock.unlink()                                                       # a dead run's claim
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     os.write(fd, str(os.getpid()).encode())
@@ -127,11 +148,12 @@ def claim_run_dir(args) -> Path:
     if held and not args.resume:
         if not args.overwrite:
             lock.unlink()
-            raise SystemExit(f"{args.out} already holds a run; pass --resume to continue it or --overwrite to "
-                             "start over (which deletes its checkpoints)")
+            raise RunError(f"{args.out} already holds a run; pass --resume to continue it or --overwrite to "
+                           "start over (which deletes its checkpoints)")
         for old in checkpoints(args.out):
             shutil.rmtree(old)
-        for name in ("latest", "model.safetensors", "metrics.jsonl"):
+    if not args.resume:         # a fresh run never mixes with another's files (one that died before its checkpoint)
+        for name in ("latest", "model.safetensors", "metrics.jsonl", "run.json"):
             (args.out / name).unlink(missing_ok=True)
     return lock
 

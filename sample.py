@@ -19,19 +19,19 @@ from pathlib import Path
 import torch
 
 import data as D
-import loading as L
+import loading
 import model as M
-import released as R
 from checkpoint import CheckpointError
-from generate import decode_matvec_flops, generate
+from generate import generate
 from moe import moe_layers, prune_experts, set_top_k
-from tiling import ImageError, canvas_to_photo, centered_to_photo, labelled_boxes, load_image
+from tiling import ImageError, labelled_boxes, load_image
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="[image] prompt")
-    p.add_argument("--ckpt", default="out/tiny/model.safetensors")
+    p.add_argument("--ckpt", default="out/tiny/model.safetensors",
+                   help="our checkpoint, a run directory holding one, or a released SPHINX-X directory")
     p.add_argument("--tokenizer", default=None, help="default: tokenizer.json beside the checkpoint")
     p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy (reference demo: 0.1)")
     p.add_argument("--top-p", type=float, default=0.75)
@@ -39,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on a GPU; on a CPU whichever decodes faster, by timing matrix-vector "
-                        "products at this model's shapes")
+                   help="auto: bf16 on a GPU; on a CPU bf16 only with bf16 instructions and a model of d >= 1024 "
+                        "(decoding is matrix-vector products)")
     p.add_argument("--experts", type=int, default=None, help="active experts per token (MoE)")
     p.add_argument("--keep-experts", default=None, metavar="I,J,...",
                    help="MoE: route only to these experts in every layer (paper App. A.1.3's pruning)")
@@ -73,26 +73,30 @@ def parse_args(argv=None):
     return args
 
 
+def our_checkpoint(ckpt: Path) -> Path | None:
+    """Our checkpoint file, or the one inside a run directory (out/tiny, step-N/); None for anything else."""
+    if ckpt.is_file():
+        return ckpt
+    return ckpt / "model.safetensors" if (ckpt / "model.safetensors").is_file() else None
+
+
 def load(args):
     overrides = {"skip_tokens": False} if args.no_skip_tokens else {}
-    if args.size:
-        missing = [f"--{k}" for k in ("llm", "convnext", "dinov2", "projector") if not getattr(args, k)]
-        if missing:
-            raise CheckpointError(f"--size {args.size} needs {', '.join(missing)}")
-        model = L.load_parts(M.sphinx_config(args.size), args.llm, args.convnext, args.dinov2, args.projector,
-                             **overrides)
-        tok_path = args.tokenizer
+    ckpt = Path(args.ckpt)
+    if not args.size and not ckpt.exists():
+        raise CheckpointError(f"no checkpoint at {ckpt}; make one with: torchrun train.py --size tiny (or pass --ckpt)")
+    ours = None if args.size else our_checkpoint(ckpt)
+    if ours:
+        model = loading.load_sphinx(ours, **overrides)
+        tok_path = args.tokenizer or next((p for p in (ours.parent / "tokenizer.json", ours.parent.parent / "tokenizer.json")
+                                           if p.exists()), ours.parent / "tokenizer.json")
     else:
-        ckpt = Path(args.ckpt)
-        if not ckpt.exists():
-            raise CheckpointError(f"no checkpoint at {ckpt}; make one with: torchrun train.py --size tiny "
-                                  "(or pass --ckpt)")
-        if ckpt.is_dir():       # a released SPHINX-X directory (LLaMA2-Accessory's consolidated layout)
-            model = R.load_released(ckpt, dtype=torch.bfloat16 if args.device != "cpu" else torch.float32)
-            tok_path = args.tokenizer or ckpt / "tokenizer.model"
-        else:
-            model = L.load_sphinx(ckpt, **overrides)
-            tok_path = args.tokenizer or ckpt.parent / "tokenizer.json"
+        from formats import outside        # the wing, only for an outside format
+        if not args.size and not outside.is_released_dir(ckpt):
+            raise CheckpointError(f"{ckpt}: expected our checkpoint (model.safetensors, or a run directory holding "
+                                  "one) or a released SPHINX-X directory (meta.json + consolidated.*.model.pth)")
+        wide = torch.bfloat16 if args.device != "cpu" else torch.float32
+        model, tok_path = outside.load_for_sampling(args, wide, **overrides)
     if not tok_path or not Path(tok_path).exists():
         raise CheckpointError(f"no tokenizer at {tok_path}; pass --tokenizer")
     for flag, value in (("--experts", args.experts), ("--keep-experts", args.keep_experts)):
@@ -106,8 +110,7 @@ def load(args):
         except ValueError:
             raise ValueError(f"--keep-experts {args.keep_experts!r}: expected expert numbers like 0,2,5") from None
         prune_experts(model, keep)
-    # Decoding is matrix-vector products: the precision is chosen by timing those at this model's shapes.
-    dtype, why = M.pick_dtype(args.dtype, args.device, lambda dt: decode_matvec_flops(model.llm.cfg, dt), "matvecs")
+    dtype, why = M.pick_dtype(args.dtype, args.device, decode_dim=model.llm.cfg.dim)
     print(f"({dtype}: {why})", file=sys.stderr)
     return model.to(args.device, M.DTYPES[dtype]).eval(), D.Tokenizer(tok_path)
 
@@ -134,17 +137,16 @@ def answer(model, tok, turns, tiles, args, out=sys.stdout) -> str:
     return final
 
 
-def draw_answer(photo, text: str, canvas: int, path, centered: bool = False):
-    """Boxes [x1, y1, x2, y2] and points [x, y] of the answer, labelled by the text before them,
-    drawn on the original photo (normalised canvas coordinates mapped back to photo pixels; centered:
-    relative to the photo centred in a square, the released models' convention)."""
+def draw_answer(photo, text: str, layout, path):
+    """Boxes [x1, y1, x2, y2] and points [x, y] of the answer, labelled by the text before them, drawn on
+    the original photo (the model's normalised coordinates mapped back to photo pixels by its layout)."""
     from PIL import ImageDraw
     img = photo.copy()
     draw = ImageDraw.Draw(img)
     width = max(1, round(max(img.size) / 200))
     for label, vals in labelled_boxes(text):
         label = label[-30:]
-        vals = centered_to_photo(vals, img.size) if centered else canvas_to_photo(vals, img.size, canvas)
+        vals = layout.to_photo(vals, img.size)
         if len(vals) == 4:
             vals = [min(vals[0], vals[2]), min(vals[1], vals[3]), max(vals[0], vals[2]), max(vals[1], vals[3])]
             draw.rectangle(vals, outline=(255, 0, 0), width=width)
@@ -168,6 +170,9 @@ def main(argv=None) -> int:
     try:
         if len(args.inputs) > 2 or (not args.inputs and not args.chat):
             raise ValueError("usage: python sample.py [image] \"prompt\" (or [image] --chat)")
+        if len(args.inputs) == 1 and not args.chat and Path(args.inputs[0]).is_file():
+            raise ValueError(f"{args.inputs[0]} is an image but there is no prompt: python sample.py "
+                             f"{args.inputs[0]} \"What is in the image?\" (or add --chat)")
         image_path = args.inputs[0] if len(args.inputs) == 2 or (args.chat and len(args.inputs) == 1) else None
         prompt = args.inputs[-1] if len(args.inputs) == 2 or (len(args.inputs) == 1 and not args.chat) else None
         photo = load_image(image_path) if image_path else None
@@ -196,7 +201,7 @@ def main(argv=None) -> int:
             reply = answer(model, tok, turns, tiles, args)
             turns[-1] = (prompt, reply)
             if args.draw and photo is not None:
-                draw_answer(photo, reply, model.cfg.canvas, args.draw, centered=model.layout.reference)
+                draw_answer(photo, reply, model.layout, args.draw)
                 print(f"(boxes drawn on {args.draw})", file=sys.stderr)
             if not args.chat:
                 return 0

@@ -30,14 +30,13 @@ class ImageError(ValueError):
 
 @dataclass
 class Tiles:
-    # (1 + grid^2, 3, S, S) in [0, 1]: global view, then sub-images row-major; or, on the released
-    # models' reference path, (1, 3, C, C): the padded square the model cuts its views from.
+    # (1 + grid^2, 3, S, S) in [0, 1]: global view, then sub-images row-major. (An image path from
+    # outside, such as the released checkpoints', may hold (1, 3, C, C): the canvas its encoders cut.)
     views: torch.Tensor
     fully_padded: list[bool]     # per view; the global view is never padded
     grid: int
     canvas: int
     resized: tuple[int, int]     # (w, h) of the photo on the canvas
-    reference: bool = False      # the reference path: photo centred, views made by the model
 
     @property
     def n_fully_padded(self) -> int:
@@ -51,10 +50,9 @@ class ImageLayout:
     grid: int
     tokens_per_view: int
     skip_tokens: bool = True
-    reference: bool = False      # the released models' path (reference_tile): 5 views, none skipped
 
     def tile(self, img: Image.Image) -> "Tiles":
-        return reference_tile(img, self.canvas) if self.reference else tile(img, self.canvas, self.grid)
+        return tile(img, self.canvas, self.grid)
 
     def encoded(self, fully_padded: list[bool]) -> list[bool]:
         """The skip-token rule (paper Sec. 3.1), stated once: per view, True if it goes through the
@@ -67,9 +65,11 @@ class ImageLayout:
 
     def block_len_for_size(self, w: int, h: int) -> int:
         """The same from the photo size alone (no decoding): geometry decides padding."""
-        if self.reference:
-            return self.block_len([False] * (1 + self.grid * self.grid))
         return self.block_len([False] + fully_padded_mask(resized_size(w, h, self.canvas), self.canvas, self.grid))
+
+    def to_photo(self, xy, photo_size) -> list[float]:
+        """Normalised box coordinates in the model's answers -> photo pixels (for drawing)."""
+        return canvas_to_photo(xy, photo_size, self.canvas)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -148,26 +148,6 @@ def tile(img: Image.Image, canvas: int = 448, grid: int = 2) -> Tiles:
     return Tiles(views=torch.cat([global_view[None], subs]).contiguous(),
                  fully_padded=[False] + fully_padded_mask((rw, rh), canvas, grid),
                  grid=grid, canvas=canvas, resized=(rw, rh))
-
-
-REFERENCE_FILL = (122, 116, 104)   # the reference pads with the CLIP mean, int(x * 255) per channel
-
-
-def reference_tile(img: Image.Image, canvas: int = 1024) -> Tiles:
-    """The released models' input (LLaMA2-Accessory's "padded_resize"): the photo centred in a square
-    padded with the CLIP mean, PIL-bicubic resized to the canvas, in [0, 1] (the model normalises it and
-    cuts the five views: vision.reference_tokens); boxes are relative to this centred square."""
-    img = to_rgb(img)
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise ImageError(f"image of size {w}x{h} has no pixels")
-    side = max(w, h)
-    square = Image.new("RGB", (side, side), REFERENCE_FILL)
-    square.paste(img, ((side - w) // 2, (side - h) // 2))
-    square = square.resize((canvas, canvas), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return Tiles(views=x[None], fully_padded=[False] * 5, grid=2, canvas=canvas,
-                 resized=(round(w * canvas / side), round(h * canvas / side)), reference=True)
 
 
 # ----------------------------------------------------------------------------- boxes

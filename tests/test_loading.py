@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import formats.hf as HF
 import loading as L
+from formats.encoders import load_encoder
 import model as M
 from hf_oracles import make_hf_llama
 
@@ -21,7 +23,7 @@ def test_sharded_and_tied(tmp_path):
     with torch.no_grad():
         expected = ref(tokens).logits
         for d in ("tied", "sharded"):
-            ours = L.load_hf(tmp_path / d).eval()
+            ours = HF.load_hf(tmp_path / d).eval()
             assert ours.output.weight is ours.tok_embeddings.weight
             torch.testing.assert_close(ours(tokens)[0], expected, atol=1e-4, rtol=0)
 
@@ -63,7 +65,7 @@ def pack_internlm2(llama_dir, out_dir):
 def test_internlm2_wqkv_unpacks_to_llama(hf_llama, tmp_path):
     ref, path = hf_llama
     pack_internlm2(path, tmp_path / "internlm2")
-    ours = L.load_hf(tmp_path / "internlm2").eval()
+    ours = HF.load_hf(tmp_path / "internlm2").eval()
     tokens = torch.randint(0, 320, (2, 23))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens)[0], ref(tokens).logits, atol=1e-4, rtol=0)
@@ -87,7 +89,7 @@ def test_bad_checkpoint_names_the_tensor(hf_llama, tmp_path, edit, message):
     ref.save_pretrained(tmp_path)
     _corrupt(tmp_path, edit)
     with pytest.raises(L.CheckpointError, match=message):
-        L.load_hf(tmp_path)
+        HF.load_hf(tmp_path)
 
 
 def test_own_format_roundtrip_and_atomic_save(tmp_path, monkeypatch):
@@ -133,11 +135,11 @@ def test_internlm2_config_with_dynamic_rope_scaling_loads():
           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 92544, "intermediate_size": 14336,
           "rms_norm_eps": 1e-5, "rope_theta": 1000000, "max_position_embeddings": 32768,
           "rope_scaling": {"type": "dynamic", "factor": 2.0}}
-    cfg, layout = L.config_from_hf(hf)
+    cfg, layout = HF.config_from_hf(hf)
     assert layout == "internlm2" and (cfg.rope_dynamic_factor, cfg.rope_original_max) == (2.0, 32768)
     assert M.rope_theta_at(cfg, 32768) == 1e6 and M.rope_theta_at(cfg, 65536) == pytest.approx(1e6 * 3 ** (128 / 126))
     with pytest.raises(L.CheckpointError, match="only dynamic NTK"):
-        L.config_from_hf(hf | {"rope_scaling": {"type": "yarn", "factor": 4.0}})
+        HF.config_from_hf(hf | {"rope_scaling": {"type": "yarn", "factor": 4.0}})
 
 
 # ----------------------------------------------------------------------------- per-rank sharded loading
@@ -177,7 +179,7 @@ def _sharded_load_worker(rank, world, port, ckpt, hf_dirs, out):
     th.join()
     res = {"peak": peak[0], "params": sum(p.numel() * p.element_size() for p in model.parameters()),
            "wo": model.llm.layers[1].attention.wo.weight.clone(), "emb": model.llm.tok_embeddings.weight.clone()}
-    res["hf"] = [L.load_hf(d, tp_group=group).state_dict() for d in hf_dirs]
+    res["hf"] = [HF.load_hf(d, tp_group=group).state_dict() for d in hf_dirs]
     torch.save(res, f"{out}.{world}.{rank}")
 
 

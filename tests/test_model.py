@@ -3,7 +3,9 @@ sequence layout, skip tokens, sizes, and the dtype choice."""
 import pytest
 import torch
 
+import formats.hf as HF
 import loading as L
+from formats.encoders import load_encoder
 import model as M
 from hf_oracles import make_hf_llama
 
@@ -12,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 def test_llama_parity_gqa_rope_theta(hf_llama):
     ref, path = hf_llama
-    ours = L.load_hf(path).eval()
+    ours = HF.load_hf(path).eval()
     assert ours.cfg.n_kv_heads == 2 and ours.cfg.rope_theta == 50000.0
     tokens = torch.randint(0, 320, (3, 37))
     with torch.no_grad():
@@ -31,7 +33,7 @@ def test_llama_parity_gqa_rope_theta(hf_llama):
 
 def test_embeds_input_equals_tokens(hf_llama):
     _, path = hf_llama
-    ours = L.load_hf(path).eval()
+    ours = HF.load_hf(path).eval()
     tokens = torch.randint(0, 320, (2, 11))
     with torch.no_grad():
         a, _ = ours(tokens)
@@ -192,7 +194,7 @@ def test_dynamic_ntk_rope_matches_transformers_past_the_trained_length(tmp_path)
     ref = make_hf_llama(tmp_path, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 50000.0})
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path, max_position_embeddings=16).eval()
     ref.save_pretrained(tmp_path)
-    ours = L.load_hf(tmp_path).eval()
+    ours = HF.load_hf(tmp_path).eval()
     assert (ours.cfg.rope_dynamic_factor, ours.cfg.rope_original_max, ours.cfg.max_seq_len) == (2.0, 16, 32)
     for n in (12, 31):                                   # below (unchanged) and past the trained length
         tokens = torch.randint(0, 320, (2, n), generator=torch.Generator().manual_seed(n))
@@ -231,22 +233,24 @@ def test_loss_only_skips_the_vocabulary_projection_where_nothing_is_predicted():
     torch.testing.assert_close(m.output.weight.grad, g_full, rtol=1e-5, atol=1e-6)
 
 
-def test_dtype_is_chosen_by_measurement_or_as_asked():
-    fast_bf16 = lambda dt: 900e9 if dt == torch.bfloat16 else 215e9          # an AVX-512-BF16 CPU
-    slow_bf16 = lambda dt: 1e9 if dt == torch.bfloat16 else 100e9            # an AVX2-only CPU
-    near = lambda dt: 130e9 if dt == torch.bfloat16 else 100e9               # not clearly faster
-    assert M.pick_dtype("auto", "cpu", fast_bf16) == ("bf16", "matmuls measured here: bf16 900 vs fp32 215 GFLOP/s")
-    assert M.pick_dtype("auto", "cpu", slow_bf16)[0] == "fp32"
-    assert M.pick_dtype("auto", "cpu", near)[0] == "fp32"
-    assert M.pick_dtype("fp32", "cpu", fast_bf16) == ("fp32", "as asked")
-    assert M.pick_dtype("bf16", "cpu", slow_bf16) == ("bf16", "as asked")
-    assert M.pick_dtype("auto", "cuda", slow_bf16) == ("bf16", "a GPU")
-    assert M.matmul_flops(torch.float32, 64) > 0
+def test_dtype_is_chosen_from_the_device_and_cpu_flags_or_as_asked(monkeypatch):
+    """No timing: the same machine always picks the same precision, however busy it is."""
+    yes, no = (lambda: True), (lambda: False)
+    assert M.pick_dtype("auto", "cpu", has_bf16=yes) == ("bf16", "this CPU has bf16 matmul instructions")
+    assert M.pick_dtype("auto", "cpu", has_bf16=no)[0] == "fp32"
+    assert M.pick_dtype("fp32", "cpu", has_bf16=yes) == ("fp32", "as asked")
+    assert M.pick_dtype("bf16", "cpu", has_bf16=no) == ("bf16", "as asked")
+    assert M.pick_dtype("auto", "cuda", has_bf16=no) == ("bf16", "a GPU")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", no, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", yes, raising=False)
+    assert M.cpu_has_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", no, raising=False)
+    assert not M.cpu_has_bf16()
 
 
 @pytest.mark.parametrize("macos14,expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_dtype_on_mps_follows_what_torch_supports(monkeypatch, macos14, expected):
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos14)
-    never = lambda dtype: pytest.fail("an Apple GPU's precision is not timed")
-    dtype, why = M.pick_dtype("auto", "mps", measure=never)
+    never = lambda: pytest.fail("an Apple GPU's precision does not depend on the CPU")
+    dtype, why = M.pick_dtype("auto", "mps", has_bf16=never)
     assert dtype == expected and "Apple GPU" in why

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import formats.hf as HF
 import loading as L
+from formats.encoders import load_encoder
 import model as M
 import moe
 import moe_kernels
@@ -143,7 +145,7 @@ def hf_mixtral(tmp_path_factory):
 
 def test_mixtral_logits_match_transformers(hf_mixtral):
     ref, path = hf_mixtral
-    ours = L.load_hf(path).eval()
+    ours = HF.load_hf(path).eval()
     assert ours.cfg.n_experts == 4 and ours.cfg.top_k == 2 and ours.cfg.rope_theta == 1e6
     tokens = torch.randint(0, 300, (2, 21))
     with torch.no_grad():
@@ -158,12 +160,12 @@ def test_mixtral_missing_expert_is_named(hf_mixtral, tmp_path):
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(L.CheckpointError, match=r"layers\.1\.feed_forward\.w3: experts \[2\] missing"):
-        L.load_hf(tmp_path)
+        HF.load_hf(tmp_path)
 
 
 def test_inference_options_top_k_prune_usage(hf_mixtral):
     _, path = hf_mixtral
-    model = L.load_hf(path).eval()
+    model = HF.load_hf(path).eval()
     tokens = torch.randint(0, 300, (2, 15))
     layer = moe.moe_layers(model)[0]
     x = torch.randn(20, 64)

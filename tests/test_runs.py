@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import runs
+from runs import RunError
 import train as T
 from multiproc import free_port, spawn
 from train_runs import COMMON, assert_same, run
@@ -20,7 +21,7 @@ def test_a_run_is_never_clobbered(tokenizer, tmp_path):
     argv = COMMON + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "2", "--ckpt-every", "1"]
     T.train(T.parse_args(argv))
     trained = (out / "model.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="already holds a run; pass --resume .* or --overwrite"):
+    with pytest.raises(RunError, match="already holds a run; pass --resume .* or --overwrite"):
         T.train(T.parse_args(argv))
     assert (out / "model.safetensors").read_bytes() == trained
     # The same step saved again (a resume with nothing left to do) gets a new name; `latest` names it,
@@ -38,7 +39,7 @@ def test_a_run_directory_in_use_is_refused_and_a_dead_claim_taken_over(tokenizer
     out.mkdir()
     argv = COMMON + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "1"]
     (out / "lock").write_text(str(os.getppid()))                       # a live process
-    with pytest.raises(SystemExit, match="in use by another run"):
+    with pytest.raises(RunError, match="in use by another run"):
         T.train(T.parse_args(argv))
     dead = mp.get_context("spawn").Process(target=time.sleep, args=(0,))
     dead.start()
@@ -47,7 +48,7 @@ def test_a_run_directory_in_use_is_refused_and_a_dead_claim_taken_over(tokenizer
     T.train(T.parse_args(argv))
     assert (out / "model.safetensors").exists() and not (out / "lock").exists()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match="is a file"):
+    with pytest.raises(RunError, match="is a file"):
         T.train(T.parse_args(COMMON + ["--tokenizer", tokenizer, "--out", str(tmp_path / "file"), "--steps", "1"]))
 
 
@@ -88,7 +89,7 @@ def test_corrupt_checkpoint_fails_clearly_and_crash_keeps_previous(tokenizer, tm
     top[-50] ^= 0x40
     (tmp_path / "flipped.safetensors").write_bytes(bytes(top))
     with pytest.raises(T.CheckpointError, match="flipped.safetensors: checksum mismatch"):
-        T.L.load_sphinx(tmp_path / "flipped.safetensors")
+        T.loading.load_sphinx(tmp_path / "flipped.safetensors")
     # A crash in the middle of writing the next checkpoint leaves `latest` on the previous one.
     out = tmp_path / "d"
     T.train(T.parse_args(argv + ["--out", str(out), "--stop-after", "1"]))
@@ -189,7 +190,7 @@ def test_damaged_metadata_and_state_are_one_line(tokenizer, tmp_path):
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, str(tmp_path / "m.safetensors"), metadata={"format": "sphinx-x"})
     with pytest.raises(T.CheckpointError, match="m.safetensors: its metadata has no 'config'"):
-        T.L.load_sphinx(tmp_path / "m.safetensors")
+        T.loading.load_sphinx(tmp_path / "m.safetensors")
     out = tmp_path / "s"
     argv = COMMON + ["--steps", "2", "--ckpt-every", "1", "--tokenizer", tokenizer, "--out", str(out)]
     T.train(T.parse_args(argv + ["--stop-after", "1"]))

@@ -14,6 +14,7 @@ import data as D
 import loading as L
 import model as M
 import sample as S
+from tiling import ImageLayout
 import world as W
 from checkpoint import CheckpointError
 
@@ -34,7 +35,8 @@ def run_dir(tmp_path_factory):
 
 def test_draw_puts_boxes_at_expected_pixels(tmp_path):
     photo = Image.new("RGB", (200, 100), (255, 255, 255))         # 2:1 -> 128 x 64 on a 128 canvas
-    S.draw_answer(photo, "the cat [0.25, 0.125, 0.50, 0.375] and a mark [0.75, 0.25]", 128, tmp_path / "o.png")
+    S.draw_answer(photo, "the cat [0.25, 0.125, 0.50, 0.375] and a mark [0.75, 0.25]",
+                  ImageLayout(128, 2, 17), tmp_path / "o.png")
     px = np.asarray(Image.open(tmp_path / "o.png")).astype(int)
     # canvas (0.25, 0.125)-(0.5, 0.375) = photo (50, 25)-(100, 75)
     for x, y in ((50, 25), (100, 75), (75, 25), (50, 50), (100, 60)):

@@ -137,18 +137,3 @@ def test_bad_files_give_one_clear_error(tmp_path):
     Image.new("1", (10_000, 9_000)).save(tmp_path / "bomb.png")
     with pytest.raises(T.ImageError, match="bomb.png: 10000x9000 pixels exceeds the limit"):
         T.load_image(tmp_path / "bomb.png")
-
-
-def test_reference_tile_centres_the_photo_on_a_clip_mean_square():
-    # LLaMA2-Accessory's padded_resize: a 200 x 100 photo goes into a 200 x 200 square 50 px from the top,
-    # the rest is the CLIP mean (122, 116, 104); then a bicubic resize to the canvas.
-    photo = Image.new("RGB", (200, 100), (250, 10, 10))
-    t = T.reference_tile(photo, canvas=64)
-    assert t.reference and t.views.shape == (1, 3, 64, 64) and t.fully_padded == [False] * 5
-    x = t.views[0] * 255
-    fill = torch.tensor(T.REFERENCE_FILL, dtype=torch.float32).view(3, 1)
-    torch.testing.assert_close(x[:, :14].reshape(3, -1).mean(1, keepdim=True), fill, atol=0.5, rtol=0)   # above
-    torch.testing.assert_close(x[:, 51:].reshape(3, -1).mean(1, keepdim=True), fill, atol=0.5, rtol=0)   # below
-    torch.testing.assert_close(x[:, 18:46].reshape(3, -1).mean(1), torch.tensor([250.0, 10.0, 10.0]), atol=0.5, rtol=0)
-    layout = T.ImageLayout(64, 2, 17, skip_tokens=False, reference=True)
-    assert layout.tile(photo).reference and layout.block_len_for_size(200, 100) == 5 * 19

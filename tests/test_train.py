@@ -7,9 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 import data as D
+import formats.hf as HF
+from formats.encoders import load_encoder
 import train as T
 import world as W
 from parallel import Mesh
+from runs import RunError
 from train_runs import COMMON, assert_same, run
 
 
@@ -31,7 +34,7 @@ def test_tp2_matches_one_process(single, tokenizer, tmp_path):
     tp2 = run(2, COMMON + ["--steps", "3", "--tp", "2", "--tokenizer", tokenizer], tmp_path, "tp2")
     assert_same(single, tp2)
     # plan.py counts what the runs hold: fp32 ZeRO-2 state (grad shard + master + moments) per rank.
-    import plan as P
+    from tools import plan as P
     cfg = T.M.sphinx_config("tiny")
     assert P.plan(cfg, dp=1, tp=1, weight_bytes=4)["zero2_state"] == single[0][0]["state_bytes"]
     assert P.plan(cfg, dp=1, tp=2, weight_bytes=4)["zero2_state"] == tp2[0][0]["state_bytes"]
@@ -72,7 +75,7 @@ def test_all_samples_bad_stops_with_one_clear_line(tokenizer, tmp_path, capsys):
     data = _mostly_bad_data(tmp_path, 0, 6)
     argv = COMMON + ["--steps", "2", "--tokenizer", tokenizer, "--data", data, "--bad-input", "skip",
                      "--out", str(tmp_path / "run")]
-    with pytest.raises(SystemExit, match="(?s)no usable sample.*skipped 6 bad samples, 40 draws.*not a readable image"):
+    with pytest.raises(RunError, match="(?s)no usable sample.*skipped 6 bad samples, 40 draws.*not a readable image"):
         T.train(T.parse_args(argv))
 
 
@@ -90,7 +93,7 @@ def test_init_from_our_checkpoint_takes_its_tokenizer(tokenizer, tmp_path):
         assert (out / "tokenizer.json").read_bytes() == Path(tokenizer).read_bytes()
     (tmp_path / "lone").mkdir()
     shutil.copyfile(first / "model.safetensors", tmp_path / "lone" / "model.safetensors")
-    with pytest.raises(SystemExit, match="no tokenizer.json in its run directory; pass the one it was trained with"):
+    with pytest.raises(RunError, match="no tokenizer.json in its run directory; pass the one it was trained with"):
         T.train(T.parse_args(plain + ["--init", str(tmp_path / "lone" / "model.safetensors"), "--out", str(tmp_path / "x")]))
 
 
@@ -160,7 +163,7 @@ def test_a_missing_base_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--size", "tiny", "--base", str(tmp_path / "nope.safetensors")])
     err = capsys.readouterr().err
-    assert "no base at" in err and "python pretrain.py" in err
+    assert "no base at" in err and "python -m tools.pretrain" in err
 
 
 def test_paper_start_from_pretrained_parts_with_epochs(tmp_path, monkeypatch, capsys):
@@ -196,9 +199,9 @@ def test_paper_start_from_pretrained_parts_with_epochs(tmp_path, monkeypatch, ca
     res = T.train(T.parse_args(argv))
     assert len(res["losses"]) == 3 and "2 epoch(s) of 3 records at batch 2 = 3 steps" in capsys.readouterr().out
     model = res["model"]
-    ref = L.load_hf(tmp_path / "llm")
+    ref = HF.load_hf(tmp_path / "llm")
     # The encoders are the given ones, frozen; the LLM trained away from its start; the projector is fresh.
-    hf_vit = V.load_encoder(M.build_sphinx(cfg, init=False).mov.vit, tmp_path / "dinov2")
+    hf_vit = load_encoder(M.build_sphinx(cfg, init=False).mov.vit, tmp_path / "dinov2")
     assert torch.equal(model.mov.vit.blocks[0].qkv.weight, hf_vit.blocks[0].qkv.weight)
     assert not torch.equal(model.llm.layers[0].attention.wq.weight, ref.layers[0].attention.wq.weight)
     with pytest.raises(SystemExit):
@@ -234,12 +237,12 @@ def test_bf16_training_follows_fp32(tokenizer, tmp_path):
     assert all(m.dtype == torch.float32 for m in bf16["opt"].master)
     a, b = torch.tensor(fp32["losses"]), torch.tensor(bf16["losses"])
     assert ((a - b).abs() / a).max() < 0.03, (a, b)
-    model = T.L.load_sphinx(tmp_path / "b" / "model.safetensors")
+    model = T.loading.load_sphinx(tmp_path / "b" / "model.safetensors")
     assert model.llm.tok_embeddings.weight.dtype == torch.float32      # loaded in the dtype asked for
 
 
 def test_plan_weight_bytes_are_what_a_run_allocates(single, tokenizer, tmp_path):
-    import plan as P
+    from tools import plan as P
     model = T.M.build_sphinx(T.M.sphinx_config("tiny"))
     p = P.plan(model.cfg, weight_bytes=4)
     assert p["weights"] == sum(t.numel() * t.element_size() for t in model.parameters())

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import model as M
 from multiproc import free_port, spawn
 from parallel import Mesh
-from plan import grads_held
+from tools.plan import grads_held
 from zero import MAX_IN_FLIGHT, ZeRO2
 
 def test_zero2_adamw_matches_torch_adamw():

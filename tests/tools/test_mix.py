@@ -1,10 +1,10 @@
-"""mix.py: SPHINX's weight mix of two of our checkpoints: LLM blended, the rest kept, clear refusals."""
+"""tools/mix.py: SPHINX's weight mix of two of our checkpoints: LLM blended, the rest kept, clear refusals."""
 from dataclasses import replace
 
 import pytest
 import torch
 
-import mix
+from tools import mix
 import loading as L
 import model as M
 
@@ -45,7 +45,7 @@ def test_mixes_the_llm_and_keeps_the_rest(two_runs, tmp_path):
     assert not torch.equal(sm["llm.layers.0.attention.wq.weight"], sa["llm.layers.0.attention.wq.weight"])
     # beta 1 is a, beta 0 is b's LLM
     for beta, src in ((1.0, sa), (0.0, sb)):
-        out = L.mix_weights(a, b, beta).state_dict()
+        out = mix.mix_weights(a, b, beta).state_dict()
         assert all(torch.equal(out[n], src[n]) for n in out if n.startswith("llm."))
 
 

@@ -1,6 +1,6 @@
 """The tiny base: pretrained parts for the CPU sizes, made the way the paper's parts were made.
 
-    python pretrain.py                  # -> base/tiny.safetensors + base/tokenizer.json (~1 h on 2 cores)
+    python -m tools.pretrain            # -> base/tiny.safetensors + base/tokenizer.json (~1 h on 2 cores)
 
 SPHINX-X (arXiv 2402.05935, Sec. 3) never trains an LLM or a vision encoder from scratch: it tunes a
 pretrained LLM (TinyLlama, InternLM2, LLaMA-2, Mixtral) on top of frozen pretrained encoders
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -37,22 +38,14 @@ import torch.nn.functional as F
 import data as D
 import loading as L
 import model as M
+import train
 import world as W
-from generate import generate
+from parallel import Mesh
 from tiling import photo_to_canvas, tile
 
 RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, clip_steps=400, mim_steps=400, vis_batch=128,
               vis_lr=2e-3, seed=1000)
 WARMUP = 0.02          # linear warm-up over the first 2% of each stage's steps, then cosine to 0
-
-
-def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
-    """train.lr_at's schedule with the cosine taken in float32, as the shipped base was made: the
-    float64 cosine differs in the last bits and would not remake base/ bit for bit."""
-    warm = max(1, round(warmup * total))
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (step - warm) / max(1, total - warm))).item())
 
 
 def parse_args(argv=None):
@@ -62,10 +55,11 @@ def parse_args(argv=None):
     for k, v in RECIPE.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="bf16 autocast for the LLM stage; auto: measure which is faster on this CPU")
+                   help="bf16 autocast for the LLM stage; auto: bf16 where the CPU has bf16 matmul instructions")
     p.add_argument("--vit-objective", choices=("mim", "clip"), default="mim",
                    help="ViT: masked-image modelling (DINOv2-like) or contrastive like the ConvNeXt")
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing base in --out")
     p.add_argument("--reuse-llm", default=None,
                    help="a base made with the same LLM recipe: take its tokenizer and LLM, redo only the encoders "
                         "(the LLM stage does not depend on the vision stages)")
@@ -80,7 +74,7 @@ def optimise(name: str, params, steps: int, lr: float, loss_at, batch: int, log,
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, WARMUP)
+            g["lr"] = train.lr_at(step, steps, lr, WARMUP)
         loss = loss_at(step)
         loss.backward()
         if clip:
@@ -130,21 +124,14 @@ def train_llm(llm: M.Transformer, tok, args, canvas: int, autocast: bool, log) -
 
 
 @torch.no_grad()
-def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20) -> dict:
-    """Greedy answers to held-out questions with the scene given as text: what the LLM base can do
-    once it knows the scene (the upper bound the tuning reaches for when the picture replaces the text)."""
-    scores = {}
-    for s in W.eval_per_task(seed, per_task, canvas):
-        *prev, (q, ref) = s.turns
-        held = D.Sample(prev + [(q, None)], s.task, image=s.image, truth=s.truth)
-        prompt = text_form(held, canvas)
-        ids = list(generate(llm, [tok.bos_id] + tok.encode(prompt), None, 48, stop_ids=(tok.eos_id,),
-                              stop_text="\n" + D.SEP, decode=tok.decode))
-        got = tok.decode(ids).removesuffix("\n" + D.SEP).strip()
-        r = scores.setdefault(s.task, [0, 0])
-        r[0] += W.score(s.task, got, ref)
-        r[1] += 1
-    return {t: r / n for t, (r, n) in scores.items()}
+def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20, log=print) -> dict:
+    """Greedy answers to held-out questions with the scene given as text (train.evaluate's scoring): what
+    the LLM base can do once it knows the scene, the upper bound the tuning reaches for when the picture
+    replaces the text."""
+    one = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
+    prompt_of = lambda s: ([tok.bos_id] + tok.encode(text_form(s, canvas)), None)
+    scores = train.evaluate(llm, tok, one, W.eval_per_task(seed, per_task, canvas), prompt_of, log=log)
+    return {t: right / n for t, (right, n) in scores.items() if n}
 
 
 # ----------------------------------------------------------------------------- views and their contents
@@ -376,13 +363,25 @@ def probe_table(before: dict, after: dict) -> str:
 
 # ----------------------------------------------------------------------------- the base
 
+def refusal(args, cfg) -> str | None:
+    """Why this base must not be made as asked, or None."""
+    if cfg.llm.n_experts:
+        return (f"{args.size}: the MoE size starts from the dense base by sparse upcycling (train.py does it); "
+                "make the base with --size tiny")
+    target = Path(args.out) / f"{args.size}.safetensors"
+    if target.exists() and not args.overwrite:
+        return f"{target} exists (about an hour of work); pass --overwrite to replace it, or another --out"
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     log = lambda *a: print(*a, flush=True)
     cfg = M.sphinx_config(args.size)
-    if cfg.llm.n_experts:
-        raise SystemExit(f"{args.size}: the MoE size starts from the dense base by sparse upcycling "
-                         "(train.py does it); make the base with --size tiny")
+    problem = refusal(args, cfg)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -395,7 +394,8 @@ def main(argv=None):
     if reuse:
         old = L.base_summary(reuse)
         if old.get("recipe", {}).get("llm_steps") != args.llm_steps or old["recipe"]["seed"] != args.seed:
-            raise SystemExit(f"{reuse}: made with another LLM recipe ({old.get('recipe')})")
+            print(f"error: {reuse}: made with another LLM recipe ({old.get('recipe')})", file=sys.stderr)
+            sys.exit(2)
         if reuse.parent.resolve() != out.resolve():
             shutil.copyfile(reuse.parent / "tokenizer.json", tok_path)
         tok = D.Tokenizer(tok_path)

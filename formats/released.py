@@ -39,8 +39,9 @@ import torch
 import loading as L
 import model as M
 from checkpoint import CheckpointError, current_umask, load_state_strict, map_name, unique_state_dict
-from vision import (CLIP_LAYOUTS, CONVNEXT_LAYOUTS, QFORMER_LAYOUT, QFORMER_UNUSED, VIT_CONFIGS, VIT_LAYOUTS,
-                    QFormerConfig, layout_rules, merge_q_v_bias, with_batch_dim)
+from formats.encoders import CLIP_LAYOUTS, CONVNEXT_LAYOUTS, VIT_LAYOUTS, layout_rules, with_batch_dim
+from formats.released_vision import (CANVAS, CLIP_VITL14, QFORMER_LAYOUT, QFORMER_UNUSED, QFormerConfig, ReleasedMoV,
+                                     merge_q_v_bias)
 
 SHARD_NAME = re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model\.pth$")
 SUPPORTED = {"llama_ens5_light", "mixtral_sparse_ens5"}
@@ -62,6 +63,8 @@ OURS = {f"{ref}.{i}.{p}": f"{ours}.{i}.{p}" for ref, ours in (("visual_proj", "m
         for i in (0, 1) for p in ("weight", "bias")} | {"start_img": "begin_of_image", "end_img": "end_of_image"}
 # Held by the reference but never used for images: open_clip's text side (only its transformer is set
 # to None), CLIP's joint-space projection, and Blip2Model's language parts.
+# SPHINX-MoE-1k's extra encoders (the original SPHINX's): CLIP ViT-L/14 and BLIP-2 opt-2.7b's Q-Former.
+MOE1K_ENCODERS = {"clip": CLIP_VITL14, "qformer": QFormerConfig()}
 UNUSED = re.compile(r"^clip\.(token_embedding|positional_embedding|ln_final|text_projection|logit_scale|visual\.proj$)")
 
 
@@ -198,10 +201,11 @@ def to_our_names(named, cfg: M.ModelConfig):
 
 
 def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=torch.float32,
-                  tp_group=None) -> M.Sphinx:
+                  tp_group=None, clip=None, qformer=None) -> M.Sphinx:
     """A released SPHINX-X directory -> our Sphinx computing as the reference does: its image path (photo
-    centred on a 1024 canvas, see MoV.reference_tokens) and no skip tokens (never learnt).
-    cfg: the vision side (default: the paper's encoders); the LLM comes from config.json. tp_group: only
+    centred on a 1024 canvas, formats/released_vision.py) and no skip tokens (never learnt).
+    cfg: the vision side (default: the paper's encoders); the LLM comes from config.json; clip, qformer:
+    SPHINX-MoE-1k's extra encoders' configs (default: CLIP ViT-L/14, BLIP-2 opt-2.7b's). tp_group: only
     this rank's TP shard is kept (the memory-mapped shards are merged one tensor at a time)."""
     path = Path(path)
     if not path.is_dir():
@@ -213,10 +217,10 @@ def load_released(path, cfg: M.SphinxConfig | None = None, device="cpu", dtype=t
     base = cfg or M.sphinx_config("sphinx-tiny")
     extra = {}
     if llama_type == "mixtral_sparse_ens5":      # SPHINX-MoE-1k keeps the original SPHINX's CLIP ViT-L and Q-Former
-        extra = dict(clip=base.clip or VIT_CONFIGS["clip-vitl14"], qformer=base.qformer or QFormerConfig())
-    cfg = M.SphinxConfig(llm, base.convnext, base.vit, canvas=1024, grid=2, skip_tokens=False, image_path="reference",
-                         **extra)
-    model = M.build_sphinx(cfg, init=False, tp_group=tp_group)
+        extra = dict(clip=clip or MOE1K_ENCODERS["clip"], qformer=qformer or MOE1K_ENCODERS["qformer"])
+    cfg = M.SphinxConfig(llm, base.convnext, base.vit, canvas=CANVAS, grid=2, skip_tokens=False)
+    model = M.build_sphinx(cfg, init=False, tp_group=tp_group,
+                           mov=lambda: ReleasedMoV(base.convnext, base.vit, llm.dim, **extra))
     # The released models never learnt a skip token (they encode every sub-image); ours is unused.
     no_skip = [(("skip_token", None), "(no skip token)", torch.zeros(llm.dim))]
     _load_renamed(model, itertools.chain(to_our_names(merged_tensors(shard_files(path), llm.n_experts), llm), no_skip),

@@ -7,7 +7,7 @@ import torch
 import data as D
 import loading as L
 import model as M
-import pretrain as P
+from tools import pretrain as P
 import train as T
 import world as W
 from checkpoint import CheckpointError

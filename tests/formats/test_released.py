@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import data as D
 import model as M
-import released as R
+import formats.released as R
+import formats.released_vision as RV
 import sample as S
 import train as T
 import vision as V
@@ -21,13 +22,18 @@ LLM = M.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
 # Encoders whose grids agree on the reference path: ConvNeXt 512 / 32 = 16 = DINOv2 224 / 14.
 CFG = M.SphinxConfig(LLM, V.ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), input_size=None),
                      V.ViTConfig(dim=32, depth=1, heads=4, patch=14, pos_grid=4, ffn="mlp", pos_interp="dinov2"),
-                     canvas=1024, grid=2, skip_tokens=False, image_path="reference")
+                     canvas=1024, grid=2, skip_tokens=False)
+
+
+def released_mov(cfg, **extra):
+    """The released models' image path (formats/released_vision.py) for a config, as load_released builds it."""
+    return lambda: RV.ReleasedMoV(cfg.convnext, cfg.vit, cfg.llm.dim, **extra)
 
 
 @pytest.fixture(scope="module")
 def ours():
     torch.manual_seed(0)
-    model = M.build_sphinx(CFG)
+    model = M.build_sphinx(CFG, mov=released_mov(CFG))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(("norm.weight", "attention_norm.weight", "ffn_norm.weight")):
@@ -241,7 +247,7 @@ def test_train_starts_from_a_released_directory(exported, tokenizer, tmp_path, m
     res = T.train(T.parse_args(argv))
     assert len(res["losses"]) == 2 and all(l == l for l in res["losses"])
     monkeypatch.setitem(M.SIZES, "toy", lambda: replace(CFG, llm=replace(LLM, n_layers=3)))
-    with pytest.raises(SystemExit, match="its LLM .* is not --size toy's"):
+    with pytest.raises(CheckpointError, match="its LLM .* is not --size toy's"):
         T.train(T.parse_args(argv[:-1] + [str(tmp_path / "run2")]))
 
 
@@ -333,11 +339,11 @@ def test_sparse_moe_llm_loads_from_one_and_two_shards_and_matches_the_reference_
 # ----------------------------------------------------------------------------- SPHINX-MoE-1k: four encoders
 
 MOE1K_ARGS = {**MOE_ARGS, "vocab_size": LLM.vocab_size, "max_seq_len": 2048}
-MOE1K = replace(CFG, llm=R.llm_config(MOE1K_ARGS),
-                clip=V.ViTConfig(dim=16, depth=1, heads=2, patch=14, pos_grid=16, eps=1e-5, **V.CLIP_VIT),
-                qformer=V.QFormerConfig(vision=V.ViTConfig(dim=16, depth=1, heads=2, patch=14, pos_grid=16, ffn="mlp",
-                                                           mlp_hidden=24, layer_scale=False, mask_token=False),
-                                        dim=8, depth=2, heads=2, hidden=16, queries=3))
+MOE1K = replace(CFG, llm=R.llm_config(MOE1K_ARGS))
+MOE1K_EXTRA = dict(clip=V.ViTConfig(dim=16, depth=1, heads=2, patch=14, pos_grid=16, eps=1e-5, **RV.CLIP_VIT),
+                   qformer=RV.QFormerConfig(vision=V.ViTConfig(dim=16, depth=1, heads=2, patch=14, pos_grid=16, ffn="mlp",
+                                                               mlp_hidden=24, layer_scale=False, mask_token=False),
+                                            dim=8, depth=2, heads=2, hidden=16, queries=3))
 
 
 def test_sphinx_moe_1k_loads_four_encoders_and_computes_the_reference_image_path(tokenizer, tmp_path, monkeypatch,
@@ -347,7 +353,8 @@ def test_sphinx_moe_1k_loads_four_encoders_and_computes_the_reference_image_path
     v_bias), visual_proj over 5632-like concatenated channels and qformer_proj; then the image path
     transcribed from the reference's encode_image, and sample.py end to end."""
     torch.manual_seed(5)
-    toy = M.build_sphinx(MOE1K)
+    toy = M.build_sphinx(MOE1K, mov=released_mov(MOE1K, **MOE1K_EXTRA))
+    monkeypatch.setattr(R, "MOE1K_ENCODERS", MOE1K_EXTRA)   # the toy's CLIP ViT and Q-Former
     with torch.no_grad():
         for n, p in toy.named_parameters():
             if not n.startswith("llm."):
@@ -409,10 +416,10 @@ def test_sphinx_moe_1k_full_size_shapes_on_the_meta_device():
     # What load_released builds for the real directory: visual_proj takes 1024 + 3072 + 1536 = 5632 channels,
     # qformer_proj 768, and each view is 32 + 257 positions between its tags.
     base = M.sphinx_config("sphinx-moe")
-    cfg = replace(base, canvas=1024, skip_tokens=False, image_path="reference", clip=V.VIT_CONFIGS["clip-vitl14"],
-                  qformer=V.QFormerConfig())
+    cfg = replace(base, canvas=1024, skip_tokens=False)
     with torch.device("meta"):
-        model = M.Sphinx(cfg)
+        model = M.Sphinx(cfg, mov=RV.ReleasedMoV(cfg.convnext, cfg.vit, cfg.llm.dim, clip=RV.CLIP_VITL14,
+                                                 qformer=RV.QFormerConfig()))
     assert model.mov.proj[0].in_features == 5632 and model.mov.qformer_proj[0].in_features == 768
     assert model.mov.proj[0].out_features == model.mov.qformer_proj[0].out_features == 4096
     assert model.layout.block_len([False] * 5) == (32 + 257 + 2) * 5       # the reference's image_words
