@@ -198,3 +198,46 @@ def test_damaged_metadata_and_state_are_one_line(tokenizer, tmp_path):
     state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "rng"}))
     with pytest.raises(T.CheckpointError, match=r"state.json: unreadable or incomplete \(KeyError: 'rng'\)"):
         T.train(T.parse_args(argv + ["--resume"]))
+
+
+def test_precision_is_chosen_once_and_a_resume_reuses_it(tokenizer, tmp_path, monkeypatch):
+    """--dtype auto is recorded in run.json with its reason; a resume with the same command trains on in it
+    even when this machine would now decide otherwise (it used to be re-timed and flip under load)."""
+    out = tmp_path / "run"
+    argv = [a for a in COMMON if a not in ("--dtype", "fp32")] + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "3",
+                                                               "--ckpt-every", "1"]
+    monkeypatch.setattr(T.M, "pick_dtype", lambda choice, device: ("bf16", "injected: bf16 instructions"))
+    T.train(T.parse_args(argv + ["--stop-after", "1"]))
+    assert json.loads((out / "run.json").read_text()) == {"dtype": "bf16", "why": "injected: bf16 instructions",
+                                                           "asked": "auto"}
+    monkeypatch.setattr(T.M, "pick_dtype", lambda choice, device: ("fp32", "injected: no bf16"))
+    res = T.train(T.parse_args(argv + ["--resume"]))
+    assert len(res["losses"]) == 3 and next(res["model"].llm.parameters()).dtype == torch.bfloat16
+
+
+def test_a_fresh_run_never_appends_to_a_dead_runs_metrics(tokenizer, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0}) + "\n")    # died before a checkpoint
+    T.train(T.parse_args(COMMON + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "2"]))
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tokenizer, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real, calls = T.train_step, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(T, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        T.main(COMMON + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "5", "--ckpt-every", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1
+    assert err[0] == f"interrupted; the last good checkpoint is {out / 'step-000002'}, continue it with the same " \
+                     "command plus --resume"
+    assert not (out / "lock").exists()

@@ -205,3 +205,19 @@ def test_keep_experts_prunes_every_moe_layer(run_dir, tmp_path, capsys):
     for bad, message in (("1,x", "expected expert numbers"), ("2", "need at least top_k=2 experts")):
         code, _, err = _run(["hi", "--ckpt", str(tmp_path / "moe.safetensors"), "--keep-experts", bad], capsys)
         assert code == 1 and message in err and err.count("\n") == 1, err
+
+
+def test_an_image_without_a_prompt_is_refused(run_dir, tmp_path, capsys):
+    """python sample.py cat.png: the file name must not become a text-only prompt."""
+    photo = _save(Image.new("RGB", (20, 20), (5, 5, 5)), tmp_path / "cat.png")
+    code, out, err = _run([photo, "--ckpt", str(run_dir / "model.safetensors")], capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1 and "is an image but there is no prompt" in err
+
+
+def test_ckpt_takes_a_run_directory_and_names_what_it_expected(run_dir, tmp_path, capsys):
+    flags = ["--max-new-tokens", "2", "--temperature", "0"]
+    code, out, err = _run(["What is 2 + 2?", "--ckpt", str(run_dir)] + flags, capsys)       # out/tiny as users pass it
+    assert code == 0 and "error" not in err
+    (tmp_path / "other").mkdir()
+    code, out, err = _run(["What is 2 + 2?", "--ckpt", str(tmp_path / "other")] + flags, capsys)
+    assert code == 1 and err.count("\n") == 1 and "expected our checkpoint (model.safetensors" in err

@@ -177,3 +177,13 @@ def test_base_refuses_a_mismatched_config_or_a_non_base_file(base_path, tmp_path
     L.save_sphinx(tmp_path / "full.safetensors", M.build_sphinx(M.sphinx_config("tiny")))
     with pytest.raises(CheckpointError, match="not a sphinx-x base"):
         L.load_base(tmp_path / "full.safetensors", M.sphinx_config("tiny"))
+
+
+def test_an_existing_base_is_never_overwritten_without_the_flag(tmp_path, capsys):
+    (tmp_path / "tiny.safetensors").write_bytes(b"an hour of work")
+    with pytest.raises(SystemExit) as e:
+        P.main(["--out", str(tmp_path)])
+    assert e.value.code == 2 and "exists (about an hour of work); pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "tiny.safetensors").read_bytes() == b"an hour of work"
+    args = P.parse_args(["--out", str(tmp_path), "--overwrite"])
+    assert P.refusal(args, M.sphinx_config("tiny")) is None

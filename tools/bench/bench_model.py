@@ -1,6 +1,6 @@
 """LLM forward + backward tokens/s: ours vs transformers' LlamaForCausalLM, same weights, one run.
 
-    python bench/bench_model.py            # d=1024, 8 layers, 16 heads, seq 512, fp32, CPU
+    python tools/bench/bench_model.py            # d=1024, 8 layers, 16 heads, seq 512, fp32, CPU
 """
 import argparse
 import tempfile
@@ -10,7 +10,7 @@ from common import keep_freed_memory, machine, matmul_peak_flops, table, timeit
 import torch
 import transformers
 
-import loading as L
+import formats.hf as hf
 
 p = argparse.ArgumentParser()
 p.add_argument("--dim", type=int, default=1024)
@@ -32,7 +32,7 @@ hf_cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, i
 ref = transformers.LlamaForCausalLM(hf_cfg).train()
 with tempfile.TemporaryDirectory() as d:
     ref.save_pretrained(d)
-    ours = L.load_hf(d).train()
+    ours = hf.load_hf(d).train()
 
 tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
 targets = torch.roll(tokens, -1, 1)

@@ -1,7 +1,7 @@
 """One MoE layer, forward + backward on CPU: ours vs transformers' Mixtral sparse block vs a naive loop.
 
-    python bench/bench_moe.py                  # 8 experts, top-2, d=512, ffn=1024; 4096, 16 and 1 tokens; fp32
-    python bench/bench_moe.py --dtype bf16     # every implementation's weights and inputs in bf16
+    python tools/bench/bench_moe.py                  # 8 experts, top-2, d=512, ffn=1024; 4096, 16 and 1 tokens; fp32
+    python tools/bench/bench_moe.py --dtype bf16     # every implementation's weights and inputs in bf16
 
 "ours (auto)" is what a model runs: moe_kernels.ExpertPathChooser's pick for the shape, timed once before the
 measurement (the pick is printed); the "ours, path=..." rows show every CPU path it chose from.

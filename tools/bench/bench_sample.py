@@ -1,7 +1,7 @@
 """Prefill and greedy decode on CPU: ours (KV cache; eager and torch.compile) vs transformers'
 generate, same weights, one run.
 
-    python bench/bench_sample.py          # tiny LLM and a mid size (d=1024, 8 layers), fp32
+    python tools/bench/bench_sample.py          # tiny LLM and a mid size (d=1024, 8 layers), fp32
 """
 import tempfile
 import time
@@ -11,7 +11,7 @@ from common import copy_bandwidth, keep_freed_memory, machine, table, timeit
 import torch
 import transformers
 
-import loading as L
+import formats.hf as hf
 import model as M
 from generate import generate
 
@@ -31,7 +31,7 @@ for name, kw in SIZES.items():
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(max_position_embeddings=1024, **kw)).eval()
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
-        ours = L.load_hf(d).eval()
+        ours = hf.load_hf(d).eval()
     prompt = torch.randint(0, kw["vocab_size"], (1, PROMPT))
 
     def hf(n):

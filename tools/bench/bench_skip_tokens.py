@@ -1,6 +1,6 @@
 """MoV + LLM prefill for a 2:1 photo, with and without skip tokens, in one run.
 
-    python bench/bench_skip_tokens.py
+    python tools/bench/bench_skip_tokens.py
 
 Paper geometry (canvas 448, 2x2 sub-images of 224, 257 tokens per view: ViT patch 14,
 ConvNeXt fed 512 px) with CPU-sized encoders (ConvNeXt-T-like, ViT-S/14-like) and a

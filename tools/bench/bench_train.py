@@ -1,7 +1,7 @@
 """Training speed and memory, one run: tiny-step throughput and MFU, ZeRO-2 state per rank for
 DP = 1, 2, 4, and DP=2 step time of ZeRO-2 vs plain all-reduce data parallelism.
 
-    python bench/bench_train.py
+    python tools/bench/bench_train.py
 """
 import json
 import os
@@ -9,6 +9,7 @@ import socket
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from common import keep_freed_memory, machine, matmul_peak_flops, table
 
@@ -47,7 +48,7 @@ def _dp_worker(rank, world, port, tok_path, steps, out):
     tok = T.get_tokenizer(args, mesh, cfg)
     res = {}
     for name, cls in (("plain all-reduce", AllReduceAdamW), ("ZeRO-2", ZeRO2)):
-        model = T.build_model(args, mesh, cfg)
+        model = T.build_model(args, mesh, cfg, "fp32")
         opt = cls([(n, p) for n, p in model.named_parameters() if p.requires_grad], mesh, 1e-3)
         src = T.D.SampleSource([{"path": "synthetic", "ratio": 1}], 0, cfg.canvas, synthetic=T.W.synthetic_sample)
         batch = T.D.Batcher(src, tok, model.layout, 320, 16, rank=mesh.dp_rank, world=mesh.dp).next()
@@ -77,7 +78,8 @@ def main():
             r = T.train(T.parse_args(["--size", "tiny", "--out", f"{d}/{dtype}", "--steps", "12", "--log-every", "12",
                                       "--eval-per-task", "0", "--from-scratch", "--dtype", dtype,
                                       "--peak-tflops", str(peak / 1e12)]))
-            tps, mfu = r["throughput"]["tokens_per_s"], r["throughput"]["mfu"]
+            last = json.loads((Path(d) / dtype / "metrics.jsonl").read_text().splitlines()[-1])
+            tps, mfu = last["tokens_per_s"], last["mfu"]
             base = base or tps
             rows.append([f"tiny, 1 process, batch 16, {dtype}", f"{tps:,.0f}", f"{tps / base:.2f}x",
                          f"{mfu:.0%} of {peak / 1e9:.0f} GFLOP/s"])
@@ -85,7 +87,7 @@ def main():
         print(table(rows, ["run", "tokens/s (image positions included)", "vs fp32", "MFU (FLOPs counted by torch)"]))
         # 2. ZeRO-2 state per rank
         model = T.build_model(T.parse_args(["--size", "tiny", "--dtype", "fp32"]), Mesh(0, 1, 0, 1, 0, 1),
-                              M.sphinx_config("tiny"))
+                              M.sphinx_config("tiny"), "fp32")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         rows, base = [], None
         for dp in (1, 2, 4):

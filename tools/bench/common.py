@@ -57,10 +57,21 @@ def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def matmul_flops(dtype, n: int = 512, repeat: int = 3) -> float:
+    """FLOP/s of an n^3 matmul in `dtype` on the CPU, best of `repeat` after a warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
 def matmul_peak_flops(dtype=torch.float32) -> float:
-    """FLOP/s of a 2048^3 matmul on the CPU: the peak MFU is measured against, the same statistic the
-    training run's MFU uses."""
-    from model import matmul_flops
+    """FLOP/s of a 2048^3 matmul on the CPU: the peak MFU is measured against (run it on a quiet machine)."""
     return matmul_flops(dtype, 2048)
 
 
@@ -92,7 +103,6 @@ def cpu_name_and_flags() -> str:
 
 def machine() -> str:
     """What every table header names: CPU, flags, cores, torch, and its fp32 and bf16 matmul peaks."""
-    from model import matmul_flops
     f32, b16 = (matmul_flops(dt, 1024) / 1e9 for dt in (torch.float32, torch.bfloat16))
     return (f"{cpu_name_and_flags()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; 1024^3 matmul fp32 {f32:.0f} / bf16 {b16:.0f} GFLOP/s")
