@@ -236,13 +236,13 @@ def answer(model, tok, prompt: list[int], tiles, max_new_tokens: int = 48) -> st
     return tok.decode(ids).removesuffix("\n" + data.SEP).strip()
 
 
-def evaluate(model, tok, mesh, samples, prompt_of=None, log=print, every: int = 20) -> dict:
+def evaluate(model, tok, mesh, samples, prompt_of=None, log=print) -> dict:
     """Held-out accuracy per task (greedy; box tasks: every box at IoU >= 0.5), split over DP ranks.
     prompt_of(sample) -> (ids, tiles) poses the question; default: the picture and the chat template
     (the base stage passes the scene written as text). Returns {task: (right, n)}."""
     totals = torch.zeros(len(world.TASKS), 2, dtype=torch.float64)
     mine = [s for i, s in enumerate(samples) if i % mesh.dp == mesh.dp_rank]
-    t0 = time.perf_counter()
+    t0, every = time.perf_counter(), max(1, len(mine) // 4)         # a progress line per quarter
     for i, s in enumerate(mine):
         held = data.Sample(s.turns[:-1] + [(s.turns[-1][0], None)], s.task, image=s.image, truth=s.truth)
         ids, tiles = prompt_of(held) if prompt_of else (data.prompt_tokens(tok, held.turns),
