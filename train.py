@@ -393,6 +393,19 @@ def total_steps(args, source, log) -> int:
     return steps
 
 
+def make_data(args, mesh, cfg, tok, layout, log):
+    """The sample stream (synthetic or a mixture), its batcher, the run's length and the accumulation."""
+    if args.batch % (args.micro_batch * mesh.dp):
+        raise RunError(f"--batch {args.batch} must be a multiple of micro-batch {args.micro_batch} x DP {mesh.dp}")
+    skips = data.Skips(args.bad_input)
+    entries = ([{"path": "synthetic", "ratio": 1.0, "tasks_per_image": args.tasks_per_image}] if args.data == "synthetic"
+               else data.read_mixture(args.data))
+    source = data.SampleSource(entries, args.seed, cfg.canvas, skips=skips, synthetic=world.synthetic_sample)
+    # The batcher's unit is the whole global batch, so its composition does not depend on DP or accumulation.
+    batcher = data.Batcher(source, tok, layout, args.max_len, args.batch, rank=mesh.dp_rank, world=mesh.dp)
+    return skips, batcher, total_steps(args, source, log), args.batch // (args.micro_batch * mesh.dp)
+
+
 def train(args) -> dict:
     mesh = setup_mesh(args.tp, args.device)
     log = (lambda *a: print(*a, flush=True)) if mesh.is_main else (lambda *a: None)
@@ -422,16 +435,7 @@ def run(args, mesh, log) -> dict:
     fresh_scale = (args.projector_lr or args.lr) / args.lr
     opt = ZeRO2(trainable, mesh, args.lr, bucket_numel=int(args.bucket_mb * 2 ** 20 / 4),
                 lr_scale=lambda name: 1.0 if name.startswith("llm.") else fresh_scale)
-    if args.batch % (args.micro_batch * mesh.dp):
-        raise RunError(f"--batch {args.batch} must be a multiple of micro-batch {args.micro_batch} x DP {mesh.dp}")
-    accum = args.batch // (args.micro_batch * mesh.dp)
-    skips = data.Skips(args.bad_input)
-    entries = ([{"path": "synthetic", "ratio": 1.0, "tasks_per_image": args.tasks_per_image}] if args.data == "synthetic"
-               else data.read_mixture(args.data))
-    source = data.SampleSource(entries, args.seed, cfg.canvas, skips=skips, synthetic=world.synthetic_sample)
-    steps = total_steps(args, source, log)
-    # The batcher's unit is the whole global batch, so its composition does not depend on DP or accumulation.
-    batcher = data.Batcher(source, tok, model.layout, args.max_len, args.batch, rank=mesh.dp_rank, world=mesh.dp)
+    skips, batcher, steps, accum = make_data(args, mesh, cfg, tok, model.layout, log)
     step, losses = load_checkpoint(args, mesh, model, opt, batcher) if args.resume else (0, [])
     if args.resume:
         log(f"resumed from step {step}")

@@ -11,6 +11,14 @@ def randomise_norms(hf_model, gen):
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
 
 
+def perturb(model, seed):
+    """HF inits LayerNorms to (1, 0) and layer scales to constants: perturb every weight so each one matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
 def make_hf_llama(path, tie=False, theta=50000.0, seed=0, **kw):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,

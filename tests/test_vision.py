@@ -9,14 +9,10 @@ from checkpoint import CheckpointError
 from formats.encoders import load_encoder
 
 transformers = pytest.importorskip("transformers")
+from hf_oracles import perturb  # noqa: E402  (needs transformers)
 
 
-def _perturb(model, seed):
-    # HF inits LayerNorms to (1, 0) and layer scales to constants: perturb all so each one matters.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
+_perturb = perturb
 
 
 @pytest.fixture(scope="module")
