@@ -189,12 +189,13 @@ def encode(sample: Sample, tok: Tokenizer, max_len: int, layout: ImageLayout) ->
     return Encoded(tokens, targets, tiles, n_img, sample.task, sample.source)
 
 
-def tokenize_conversation(tok: Tokenizer, turns, source: str = "") -> tuple[list[int], list[bool]]:
+def tokenize_conversation(tok: Tokenizer, turns, source: str = "", prefix: str = "") -> tuple[list[int], list[bool]]:
     """BOS + the whole rendered conversation encoded once, as the reference does, so training ids are
     the ids the model later sees at inference; each answer ('{a}\\n###') is found in them by the
-    reference's sub-list search, and its tokens are the targets."""
+    reference's sub-list search, and its tokens are the targets. prefix: text before the conversation
+    (the LLM base reads the scene written out there)."""
     segs = render(turns)
-    tokens = [tok.bos_id] + tok.encode("".join(t for t, _ in segs))
+    tokens = [tok.bos_id] + tok.encode(prefix + "".join(t for t, _ in segs))
     is_target, pos = [False] * len(tokens), 1
     for text, is_t in segs:
         if is_t:

@@ -238,3 +238,54 @@ def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
         lines = (args.out / "metrics.jsonl").read_text().splitlines()
         _atomic_write(args.out / "metrics.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
     return step, losses
+
+
+# ----------------------------------------------------------------------------- the run's picture
+
+TASK_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (0, 0, 0)]
+
+
+def _panel(draw, box, series, x_max, y_max, title, x_label):
+    """One line chart in `box` (x0, y0, x1, y1): series = [(label, colour, [(x, y), ...])]."""
+    x0, y0, x1, y1 = box
+    draw.rectangle(box, outline=(0, 0, 0))
+    draw.text((x0, y0 - 14), title, fill=(0, 0, 0))
+    draw.text((x1 - 6 * len(x_label), y1 + 4), x_label, fill=(0, 0, 0))
+    for frac in (0, 0.5, 1):
+        y = y1 - frac * (y1 - y0)
+        draw.text((x0 - 34, y - 5), f"{frac * y_max:.2g}", fill=(0, 0, 0))
+    px = lambda x, y: (x0 + (x1 - x0) * x / max(x_max, 1e-9), y1 - (y1 - y0) * min(y, y_max) / max(y_max, 1e-9))
+    for i, (label, colour, points) in enumerate(series):
+        if len(points) > 1:
+            draw.line([px(x, y) for x, y in points], fill=colour, width=2)
+        elif points:
+            (cx, cy), r = px(*points[0]), 3
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+        draw.text((x1 + 8, y0 + 14 * i), label, fill=colour)
+
+
+def draw_run(metrics: Path, out: Path) -> Path:
+    """run.png: the smoothed training loss, and held-out accuracy per task with the image-reliance ratio
+    (when the run evaluated), against step; the wall time of the last step is in the title."""
+    from PIL import Image, ImageDraw
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval" in r]
+    img = Image.new("RGB", (760, 520), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    x_max = max([r["step"] for r in rows] or [1])
+    minutes = max([r.get("elapsed_s", 0) for r in rows] or [0]) / 60
+    draw.text((50, 8), f"{metrics.parent.name}: {x_max} steps, {minutes:.1f} min", fill=(0, 0, 0))
+    loss = [(r["step"], r.get("loss_smooth", r["loss"])) for r in steps]
+    _panel(draw, (50, 50, 600, 230), [("loss (smoothed)", TASK_COLORS[0], loss)], x_max,
+           max([y for _, y in loss] or [1]) * 1.05, "training loss (answer tokens)", "step")
+    tasks = sorted({t for r in evals for t in r["eval"]})
+    series = [(t, TASK_COLORS[i % 7], [(r["step"], r["eval"][t]) for r in evals if t in r["eval"]]) for i, t in enumerate(tasks)]
+    series.append(("reliance", TASK_COLORS[7], [(r["step"], r["reliance"]) for r in evals]))
+    _panel(draw, (50, 290, 600, 480), series, x_max, 1.0,
+           "held-out accuracy per task; reliance = own / other image answer loss (lower: uses the image)", "step")
+    tmp = out.with_name(out.name + ".tmp.png")
+    img.save(tmp)
+    os.replace(tmp, out)
+    return out

@@ -30,7 +30,7 @@ from checkpoint import CheckpointError, load_state_strict, unique_state_dict, ve
 from generate import generate
 from moe import total_aux_loss, track_usage, usage_report
 from parallel import Mesh, agree, all_reduce, barrier, setup_mesh
-from runs import RunError, check_spread, claim_run_dir, load_checkpoint, run_dtype, save_checkpoint
+from runs import RunError, check_spread, claim_run_dir, draw_run, load_checkpoint, run_dtype, save_checkpoint
 from zero import ZeRO2
 
 # Paper recipe (Sec. 4.1): AdamW (0.9, 0.95), wd 0, lr 2e-5 (5e-6 MoE), 1% linear warm-up, cosine to 0,
@@ -100,6 +100,12 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-per-task", type=int, default=40, help="held-out samples per task evaluated at the end")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="steps between held-out evaluations during training (per-task accuracy on the first "
+                        "--eval-subset held-out samples of each task, image reliance) into metrics.jsonl; 0: only at the end")
+    p.add_argument("--eval-subset", type=int, default=10, help="held-out samples per task for --eval-every")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the --init checkpoint (held-out accuracy, baseline, image reliance) and exit")
     p.add_argument("--aux-weight", type=float, default=0.01, help="MoE load-balancing loss weight")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--bucket-mb", type=float, default=32.0, help="ZeRO-2 bucket size")
@@ -137,7 +143,9 @@ def check_args(args) -> str | None:
     if parts and len(parts) < 3:
         return ("the paper's start needs all of --llm, --convnext and --dinov2 (missing: "
                 f"{', '.join('--' + k for k in ('llm', 'convnext', 'dinov2') if not getattr(args, k))})")
-    if not args.steps and args.data == "synthetic":
+    if args.eval_only and not (args.init and Path(args.init).is_file()):
+        return "--eval-only evaluates a checkpoint of ours: give it as --init model.safetensors"
+    if not args.steps and args.data == "synthetic" and not args.eval_only:
         why = "--steps 0 means 'from --epochs', which" if args.steps == 0 else "--size " + args.size + ":"
         return f"{why} needs --data mixture.json (the synthetic data has no epochs); give --steps N > 0"
     for name, ok, want in (("steps", args.steps >= 0, ">= 0 (0: from --epochs)"), ("batch", args.batch > 0, "> 0"),
@@ -145,7 +153,8 @@ def check_args(args) -> str | None:
                            ("lr", args.lr > 0, "> 0"), ("projector-lr", (args.projector_lr or 1) > 0, "> 0"),
                            ("ckpt-every", args.ckpt_every >= 0, ">= 0"), ("max-len", args.max_len > 0, "> 0"),
                            ("eval-per-task", args.eval_per_task >= 0, ">= 0"), ("epochs", args.epochs > 0, "> 0"),
-                           ("tasks-per-image", args.tasks_per_image > 0, "> 0"), ("tp", args.tp > 0, "> 0")):
+                           ("tasks-per-image", args.tasks_per_image > 0, "> 0"), ("tp", args.tp > 0, "> 0"),
+                           ("eval-every", args.eval_every >= 0, ">= 0"), ("eval-subset", args.eval_subset > 0, "> 0")):
         if not ok:
             return f"--{name} must be {want}, not {getattr(args, name.replace('-', '_'))}"
     return None
@@ -279,6 +288,15 @@ def image_reliance(model, tok, mesh, samples) -> tuple[float, float]:
     return sums[0].item() / n, sums[1].item() / n
 
 
+def interim_eval(args, mesh, model, tok) -> dict:
+    """The fixed held-out subset scored during training: per-task accuracy and the image-reliance ratio."""
+    held_out = world.eval_per_task(args.seed, args.eval_subset, model.cfg.canvas)
+    quiet = lambda *a: None
+    scores = evaluate(model, tok, mesh, held_out, log=quiet)
+    own, other = image_reliance(model, tok, mesh, held_out)
+    return {"eval": {t: right / n for t, (right, n) in scores.items() if n}, "reliance": own / max(other, 1e-9)}
+
+
 def final_report(args, mesh, model, tok, log) -> dict:
     """Held-out accuracy per task beside the text-only baseline, image reliance, expert usage."""
     canvas, is_moe = model.cfg.canvas, model.cfg.llm.n_experts > 0
@@ -361,6 +379,17 @@ class Progress:
         self.tokens, self.smooth, self.flops_per_token = 0, None, None
         self.metrics = open(args.out / "metrics.jsonl", "a") if mesh.is_main else None
 
+    def record(self, row: dict):
+        if self.metrics:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+
+    def evaluated(self, step: int, result: dict):
+        """An interim evaluation: one line, and a row of metrics.jsonl (timed on the run's clock)."""
+        self.log(f"step {step:5d} held-out (first {self.args.eval_subset} per task): " +
+                 " ".join(f"{t} {a:.0%}" for t, a in result["eval"].items()) + f" | reliance {result['reliance']:.2f}")
+        self.record({"step": step, "elapsed_s": time.perf_counter() - self.t_start, **result})
+
     def update(self, step: int, steps: int, lr: float, out: dict):
         self.tokens += out["tokens"]
         self.smooth = out["loss"] if self.smooth is None else 0.9 * self.smooth + 0.1 * out["loss"]
@@ -373,11 +402,8 @@ class Progress:
         self.log(f"step {step:5d}/{steps} | loss {self.smooth:.4f} (this step {out['loss']:.4f}) | lr {lr:.2e} | "
                  f"grad norm {out['grad_norm']:.2f} | {tps:,.0f} tokens/s" + (f" | MFU {mfu:.1%}" if mfu else "") +
                  f" | {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
-        if self.metrics:
-            self.metrics.write(json.dumps({"step": step, "loss": out["loss"], "loss_smooth": self.smooth, "lr": lr,
-                                           "grad_norm": out["grad_norm"], "tokens_per_s": tps, "elapsed_s": elapsed,
-                                           **({"mfu": mfu} if mfu else {})}) + "\n")
-            self.metrics.flush()
+        self.record({"step": step, "loss": out["loss"], "loss_smooth": self.smooth, "lr": lr,
+                     "grad_norm": out["grad_norm"], "tokens_per_s": tps, "elapsed_s": elapsed, **({"mfu": mfu} if mfu else {})})
         self.t0, self.tokens = now, 0
 
 
@@ -464,6 +490,9 @@ def run(args, mesh, log) -> dict:
         empty, step = 0, step + 1
         losses.append(out["loss"])
         progress.update(step, steps, lr, out)
+        if args.eval_every and (step % args.eval_every == 0 or step == steps):
+            progress.evaluated(step, interim_eval(args, mesh, model, tok))
+            model.train()
         if args.ckpt_every and step % args.ckpt_every == 0 and step < steps:
             save_checkpoint(args, mesh, model, opt, batcher, step, losses)
         if args.stop_after and step >= args.stop_after:
@@ -477,6 +506,12 @@ def run(args, mesh, log) -> dict:
     result = {"losses": losses, "mesh": mesh, "model": model, "opt": opt}
     if args.eval_per_task:
         result.update(final_report(args, mesh, model, tok, log))
+        own, other = result["image_reliance"]
+        progress.record({"step": step, "elapsed_s": time.perf_counter() - progress.t_start, "final": True,
+                         "eval": {t: r / n for t, (r, n) in result["eval"].items() if n}, "reliance": own / max(other, 1e-9)})
+    if mesh.is_main:
+        picture = draw_run(args.out / "metrics.jsonl", args.out / "run.png")
+        log(f"picture of the run: {picture}")
     log(f"wall time {(time.perf_counter() - t_run) / 60:.1f} min (built, trained, saved, evaluated)")
     return result
 
@@ -488,10 +523,20 @@ def interrupted_line(args) -> str:
     return f"\ninterrupted; {last}"
 
 
+def evaluate_checkpoint(args) -> dict:
+    """--eval-only: the end-of-run report for any checkpoint of ours, on this process's mesh; writes nothing."""
+    mesh = setup_mesh(args.tp, args.device)
+    log = (lambda *a: print(*a, flush=True)) if mesh.is_main else (lambda *a: None)
+    tok = data.Tokenizer(given_tokenizer(args))
+    model = loading.load_sphinx(args.init, tp_group=mesh.tp_group).to(torch.device(args.device))
+    log(f"evaluating {args.init}")
+    return final_report(args, mesh, model.eval(), tok, log)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        evaluate_checkpoint(args) if args.eval_only else train(args)
     except KeyboardInterrupt:                  # Ctrl-C: one line from the main rank, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
             print(interrupted_line(args), file=sys.stderr)

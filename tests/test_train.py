@@ -282,3 +282,31 @@ def test_the_core_imports_and_runs_without_the_wings(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "torch.Size([1, 3, 2048])" in res.stdout, res.stderr[-2000:]
     assert not (tmp_path / "formats").exists() and not (tmp_path / "tools").exists()
+
+
+def test_eval_every_records_held_out_curves_and_draws_the_run(tokenizer, tmp_path, capsys):
+    out = tmp_path / "run"
+    T.train(T.parse_args(COMMON + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "2", "--eval-every", "1",
+                                   "--eval-subset", "1", "--eval-per-task", "1"]))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval" in r]
+    assert [r["step"] for r in evals] == [1, 2, 2] and evals[-1]["final"]
+    assert all(set(r["eval"]) == set(W.TASKS) and 0 < r["reliance"] < 5 for r in evals)
+    assert "step     1 held-out (first 1 per task): caption" in capsys.readouterr().out
+    from PIL import Image
+    with Image.open(out / "run.png") as img:
+        assert img.size == (760, 520) and len(set(img.convert("L").tobytes())) > 3      # axes, curves, labels
+
+
+def test_eval_only_reports_on_a_checkpoint_and_writes_nothing(tokenizer, tmp_path, capsys):
+    out = tmp_path / "run"
+    T.train(T.parse_args(COMMON + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "1"]))
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    T.main(["--size", "tiny", "--init", str(out / "model.safetensors"), "--eval-only", "--eval-per-task", "1",
+            "--out", str(out)])
+    text = capsys.readouterr().out
+    assert f"evaluating {out / 'model.safetensors'}" in text and "held-out accuracy" in text and "image reliance" in text
+    assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(SystemExit):
+        T.parse_args(["--size", "tiny", "--eval-only"])

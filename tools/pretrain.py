@@ -60,6 +60,10 @@ def parse_args(argv=None):
                    help="ViT: masked-image modelling (DINOv2-like) or contrastive like the ConvNeXt")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--overwrite", action="store_true", help="replace an existing base in --out")
+    p.add_argument("--llm-loss", choices=("answers", "all"), default="answers",
+                   help="LLM stage: loss on the answers only, or on every token (scene coordinates included)")
+    p.add_argument("--tasks-per-image", type=int, default=3, help="LLM stage: tasks in one conversation about a scene")
+    p.add_argument("--llm-start", type=int, default=0, help="LLM stage: index of the first training sample")
     p.add_argument("--reuse-llm", default=None,
                    help="a base made with the same LLM recipe: take its tokenizer and LLM, redo only the encoders "
                         "(the LLM stage does not depend on the vision stages)")
@@ -91,31 +95,44 @@ def optimise(name: str, params, steps: int, lr: float, loss_at, batch: int, log,
 
 # ----------------------------------------------------------------------------- 1-2: tokenizer and LLM
 
-def text_form(sample: D.Sample, canvas: int) -> str:
-    """A synthetic sample as the LLM base reads it: the scene in words where the image block goes."""
-    body = D.prompt_text(sample.turns)
+def scene_prefix(sample: D.Sample, canvas: int) -> str:
+    """The scene in the detection answer's words and boxes, where the image block goes ('' without one)."""
     if sample.image is None:
-        return body
+        return ""
     t = sample.truth
-    return W.scene_text(t["objects"], t["word"], sample.image.size, canvas) + ".\n" + body
+    return W.scene_text(t["objects"], t["word"], sample.image.size, canvas) + ".\n"
+
+
+def text_form(sample: D.Sample, canvas: int) -> str:
+    """A synthetic sample as the LLM base reads it: the scene in words, then the conversation."""
+    return scene_prefix(sample, canvas) + D.prompt_text(sample.turns)
+
+
+def base_samples(seed: int, start: int, n: int, canvas: int, tasks_per_image: int = 1) -> list[D.Sample]:
+    return [W.synthetic_sample(seed, "train", i, canvas, tasks_per_image) for i in range(start, start + n)]
 
 
 def base_texts(seed: int, start: int, n: int, canvas: int) -> list[str]:
-    return [text_form(W.synthetic_sample(seed, "train", i, canvas), canvas) for i in range(start, start + n)]
+    return [text_form(s, canvas) for s in base_samples(seed, start, n, canvas)]
 
 
-def lm_batch(tok: D.Tokenizer, texts: list[str]):
-    """BOS + text, right-padded; loss on every real next token."""
-    ids = [[tok.bos_id] + tok.encode(t) for t in texts]
-    T = max(map(len, ids))
-    x = torch.tensor([s + [tok.eos_id] * (T - len(s)) for s in ids])
-    y = torch.tensor([s[1:] + [D.IGNORE_INDEX] * (T - len(s) + 1) for s in ids])
+def lm_batch(tok: D.Tokenizer, samples: list[D.Sample], canvas: int, answers_only: bool = True):
+    """BOS + scene text + conversation, right-padded. answers_only: the loss falls on the assistant's answers
+    alone, as in the tuning: the scene's random coordinates cannot be predicted, and learning to find the
+    right item in the context and copy it is what every task needs. Otherwise on every next token."""
+    seqs = [D.tokenize_conversation(tok, s.turns, s.task, prefix=scene_prefix(s, canvas)) for s in samples]
+    T = max(len(ids) for ids, _ in seqs)
+    x = torch.tensor([ids + [tok.eos_id] * (T - len(ids)) for ids, _ in seqs])
+    y = torch.tensor([[t if (keep or not answers_only) else D.IGNORE_INDEX for t, keep in zip(ids[1:], mask[1:])]
+                      + [D.IGNORE_INDEX] * (T - len(ids) + 1) for ids, mask in seqs])
     return x, y
 
 
 def train_llm(llm: M.Transformer, tok, args, canvas: int, autocast: bool, log) -> list[float]:
     def loss_at(step):
-        x, y = lm_batch(tok, base_texts(args.seed, step * args.llm_batch, args.llm_batch, canvas))
+        batch = base_samples(args.seed, args.llm_start + step * args.llm_batch, args.llm_batch, canvas,
+                             args.tasks_per_image)
+        x, y = lm_batch(tok, batch, canvas, answers_only=args.llm_loss == "answers")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return llm(x, targets=y)[1]
     llm.train()

@@ -74,7 +74,8 @@ def _falls(losses, k=4):
 def test_llm_objective_learns(tok):
     torch.manual_seed(0)
     llm = M.build(M.llm_config("tiny", n_layers=2))
-    args = Namespace(llm_steps=25, llm_batch=8, llm_lr=3e-3, seed=0, log_every=100)
+    args = Namespace(llm_steps=25, llm_batch=8, llm_lr=3e-3, seed=0, log_every=100, llm_start=0, tasks_per_image=1,
+                     llm_loss="all")
     assert _falls(P.train_llm(llm, tok, args, 128, autocast=False, log=lambda *a: None))
 
 
@@ -187,3 +188,16 @@ def test_an_existing_base_is_never_overwritten_without_the_flag(tmp_path, capsys
     assert (tmp_path / "tiny.safetensors").read_bytes() == b"an hour of work"
     args = P.parse_args(["--out", str(tmp_path), "--overwrite"])
     assert P.refusal(args, M.sphinx_config("tiny")) is None
+
+
+def test_lm_batch_puts_the_loss_on_the_answers_only(tok):
+    """The LLM stage's answer-only loss: the targets are exactly each answer's tokens ('{a}\\n###'), found in
+    the one tokenisation of scene text + conversation; with answers_only=False, every next token."""
+    s = next(s for s in (W.synthetic_sample(0, "train", i, 128, tasks_per_image=3) for i in range(50))
+             if s.image is not None and len(s.turns) >= 2)
+    x, y = P.lm_batch(tok, [s], 128)
+    kept = y[0][y[0] != D.IGNORE_INDEX].tolist()
+    assert kept == [t for _, a in s.turns for t in tok.encode_segment(" " + a + "\n" + D.SEP)]
+    assert tok.decode(x[0].tolist()).startswith(P.scene_prefix(s, 128))
+    _, y_all = P.lm_batch(tok, [s], 128, answers_only=False)
+    assert int((y_all[0] != D.IGNORE_INDEX).sum()) == x.shape[1] - 1
