@@ -251,7 +251,10 @@ def _panel(draw, box, series, x_max, y_max, title, x_label):
     x0, y0, x1, y1 = box
     draw.rectangle(box, outline=(0, 0, 0))
     draw.text((x0, y0 - 14), title, fill=(0, 0, 0))
-    draw.text((x1 - 6 * len(x_label), y1 + 4), x_label, fill=(0, 0, 0))
+    draw.text((x1 - 6 * len(x_label), y1 + 16), x_label, fill=(0, 0, 0))
+    for frac in (0, 0.25, 0.5, 0.75, 1):
+        label = f"{round(frac * x_max)}"
+        draw.text((x0 + frac * (x1 - x0) - 3 * len(label), y1 + 3), label, fill=(0, 0, 0))
     for frac in (0, 0.5, 1):
         y = y1 - frac * (y1 - y0)
         draw.text((x0 - 34, y - 5), f"{frac * y_max:.2g}", fill=(0, 0, 0))
@@ -281,10 +284,17 @@ def draw_run(metrics: Path, out: Path) -> Path:
     _panel(draw, (50, 50, 600, 230), [("loss (smoothed)", TASK_COLORS[0], loss)], x_max,
            max([y for _, y in loss] or [1]) * 1.05, "training loss (answer tokens)", "step")
     tasks = sorted({t for r in evals for t in r["eval"]})
-    series = [(t, TASK_COLORS[i % 7], [(r["step"], r["eval"][t]) for r in evals if t in r["eval"]]) for i, t in enumerate(tasks)]
-    series.append(("reliance", TASK_COLORS[7], [(r["step"], r["reliance"]) for r in evals]))
+    interim = [r for r in evals if not r.get("final")] or evals     # the final 40-per-task score is its own point
+    series = [(t, TASK_COLORS[i % 7], [(r["step"], r["eval"][t]) for r in interim if t in r["eval"]])
+              for i, t in enumerate(tasks)]
+    series.append(("reliance", TASK_COLORS[7], [(r["step"], r["reliance"]) for r in interim]))
     _panel(draw, (50, 290, 600, 480), series, x_max, 1.0,
            "held-out accuracy per task; reliance = own / other image answer loss (lower: uses the image)", "step")
+    for i, t in enumerate(tasks):                   # the end-of-run evaluation (all held-out samples): a dot per task
+        final = next((r["eval"][t] for r in reversed(evals) if r.get("final") and t in r["eval"]), None)
+        if final is not None:
+            cx, cy = 600 - 4 * i, 480 - 190 * final
+            draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=TASK_COLORS[i % 7])
     tmp = out.with_name(out.name + ".tmp.png")
     img.save(tmp)
     os.replace(tmp, out)

@@ -1,6 +1,10 @@
 """The tiny base: pretrained parts for the CPU sizes, made the way the paper's parts were made.
 
     python -m tools.pretrain            # -> base/tiny.safetensors + base/tokenizer.json (~1 h on 2 cores)
+    python -m tools.pretrain --reuse-vision base/tiny.safetensors --llm-loss answers --tasks-per-image 3 \
+        --induction-warmup 150 --induction-every 4 --llm-steps 1500 --out base2   # an LLM that copies (docs/results.md)
+
+The defaults remake the shipped base.
 
 SPHINX-X (arXiv 2402.05935, Sec. 3) never trains an LLM or a vision encoder from scratch: it tunes a
 pretrained LLM (TinyLlama, InternLM2, LLaMA-2, Mixtral) on top of frozen pretrained encoders
@@ -60,10 +64,14 @@ def parse_args(argv=None):
                    help="ViT: masked-image modelling (DINOv2-like) or contrastive like the ConvNeXt")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--overwrite", action="store_true", help="replace an existing base in --out")
-    p.add_argument("--llm-loss", choices=("answers", "all"), default="answers",
+    p.add_argument("--llm-loss", choices=("answers", "all"), default="all",
                    help="LLM stage: loss on the answers only, or on every token (scene coordinates included)")
-    p.add_argument("--tasks-per-image", type=int, default=3, help="LLM stage: tasks in one conversation about a scene")
+    p.add_argument("--tasks-per-image", type=int, default=1, help="LLM stage: tasks in one conversation about a scene")
     p.add_argument("--llm-start", type=int, default=0, help="LLM stage: index of the first training sample")
+    p.add_argument("--induction-warmup", type=int, default=0, help="LLM stage: first steps on induction batches only")
+    p.add_argument("--induction-every", type=int, default=0, help="LLM stage: then every N-th step one (0: never)")
+    p.add_argument("--reuse-vision", default=None,
+                   help="a base whose tokenizer and encoders to keep: redo only the LLM stage")
     p.add_argument("--reuse-llm", default=None,
                    help="a base made with the same LLM recipe: take its tokenizer and LLM, redo only the encoders "
                         "(the LLM stage does not depend on the vision stages)")
@@ -128,11 +136,28 @@ def lm_batch(tok: D.Tokenizer, samples: list[D.Sample], canvas: int, answers_onl
     return x, y
 
 
+def induction_batch(tok: D.Tokenizer, gen: torch.Generator, n: int = 32, length: int = 32):
+    """BOS + a random token sequence + the same sequence again; the loss on the repeat. It grows the
+    attention heads that find a token's earlier occurrence and copy what followed it (induction heads),
+    which every task needs (copy the shape that follows "green" in the scene) and which the world's text
+    alone grows slowly (a fresh tiny LLM learns this task in ~100 steps)."""
+    r = torch.randint(10, tok.vocab_size, (n, length), generator=gen)
+    x = torch.cat([torch.full((n, 1), tok.bos_id), r, r], 1)
+    y = torch.full_like(x, D.IGNORE_INDEX)
+    y[:, length + 1:-1] = x[:, length + 2:]
+    return x, y
+
+
 def train_llm(llm: M.Transformer, tok, args, canvas: int, autocast: bool, log) -> list[float]:
+    gen = torch.Generator().manual_seed(args.seed)
+
     def loss_at(step):
-        batch = base_samples(args.seed, args.llm_start + step * args.llm_batch, args.llm_batch, canvas,
-                             args.tasks_per_image)
-        x, y = lm_batch(tok, batch, canvas, answers_only=args.llm_loss == "answers")
+        if step < args.induction_warmup or (args.induction_every and step % args.induction_every == 0):
+            x, y = induction_batch(tok, gen)
+        else:
+            batch = base_samples(args.seed, args.llm_start + step * args.llm_batch, args.llm_batch, canvas,
+                                 args.tasks_per_image)
+            x, y = lm_batch(tok, batch, canvas, answers_only=args.llm_loss == "answers")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return llm(x, targets=y)[1]
     llm.train()
@@ -391,6 +416,37 @@ def refusal(args, cfg) -> str | None:
     return None
 
 
+def vision_stages(args, cfg, tok, sphinx, log) -> dict:
+    """Stages 3-5: ConvNeXt CLIP-style, ViT masked-image, standardised outputs, probes before and after."""
+    before = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
+    t = time.perf_counter()
+    clip_losses = train_contrastive(sphinx.mov, "convnext", tok, args, cfg.canvas, cfg.grid, log)
+    if args.vit_objective == "mim":
+        mim_losses = train_vit(sphinx.mov, args, cfg.canvas, cfg.grid, log)
+    else:
+        mim_losses = train_contrastive(sphinx.mov, "vit", tok, args, cfg.canvas, cfg.grid, log)
+    standardise_outputs(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
+    minutes = (time.perf_counter() - t) / 60
+    after = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
+    log("linear probes of the frozen encoders (held-out views):\n" + probe_table(before, after))
+    return {"minutes": minutes, "losses": {"clip": clip_losses[::10], "mim": mim_losses[::10]},
+            "probes": {"random": before, "pretrained": after}}
+
+
+def tokenizer_for(args, cfg, out: Path, log) -> D.Tokenizer:
+    """The base's tokenizer: the reused base's (the encoders' caption tower and the LLM depend on it), or new."""
+    tok_path = out / "tokenizer.json"
+    reused = args.reuse_llm or args.reuse_vision
+    if reused:
+        if Path(reused).parent.resolve() != out.resolve():
+            shutil.copyfile(Path(reused).parent / "tokenizer.json", tok_path)
+        tok = D.Tokenizer(tok_path)
+    else:
+        tok = D.train_tokenizer(base_texts(args.seed, 0, 4000, cfg.canvas), cfg.llm.vocab_size, tok_path)
+    log(f"tokenizer: {tok.vocab_size} tokens -> {tok_path}")
+    return tok
+
+
 def main(argv=None):
     args = parse_args(argv)
     log = lambda *a: print(*a, flush=True)
@@ -405,52 +461,36 @@ def main(argv=None):
     dtype, why = M.pick_dtype(args.dtype)
     autocast = dtype == "bf16"
     log(f"tiny base for {args.size}: LLM stage in {'bf16 autocast' if autocast else 'fp32'} ({why})")
-
-    tok_path = out / "tokenizer.json"
-    reuse = Path(args.reuse_llm) if args.reuse_llm else None
-    if reuse:
-        old = L.base_summary(reuse)
-        if old.get("recipe", {}).get("llm_steps") != args.llm_steps or old["recipe"]["seed"] != args.seed:
-            print(f"error: {reuse}: made with another LLM recipe ({old.get('recipe')})", file=sys.stderr)
-            sys.exit(2)
-        if reuse.parent.resolve() != out.resolve():
-            shutil.copyfile(reuse.parent / "tokenizer.json", tok_path)
-        tok = D.Tokenizer(tok_path)
-    else:
-        tok = D.train_tokenizer(base_texts(args.seed, 0, 4000, cfg.canvas), cfg.llm.vocab_size, tok_path)
-    log(f"tokenizer: {tok.vocab_size} tokens -> {tok_path}")
-
+    tok = tokenizer_for(args, cfg, out, log)
     torch.manual_seed(args.seed)
-    sphinx = M.build_sphinx(cfg)
-    before = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
-    t = time.perf_counter()
-    clip_losses = train_contrastive(sphinx.mov, "convnext", tok, args, cfg.canvas, cfg.grid, log)
-    if args.vit_objective == "mim":
-        mim_losses = train_vit(sphinx.mov, args, cfg.canvas, cfg.grid, log)
+    if args.reuse_vision:                    # the vision stages do not depend on the LLM: keep them
+        sphinx, old = L.load_base(args.reuse_vision, cfg), L.base_summary(args.reuse_vision)
+        vision = {"minutes": old["minutes"]["vision"], "losses": {k: old["losses"][k] for k in ("clip", "mim")},
+                  "probes": old["probes"]}
     else:
-        mim_losses = train_contrastive(sphinx.mov, "vit", tok, args, cfg.canvas, cfg.grid, log)
-    standardise_outputs(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
-    t_vis = time.perf_counter() - t
-    after = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
-    log("linear probes of the frozen encoders (held-out views):\n" + probe_table(before, after))
-
-    if reuse:
-        sphinx.llm = L.load_base(reuse, cfg).llm
+        sphinx = M.build_sphinx(cfg)
+        vision = vision_stages(args, cfg, tok, sphinx, log)
+    if args.reuse_llm:
+        old = L.base_summary(args.reuse_llm)
+        sphinx.llm = L.load_base(args.reuse_llm, cfg).llm
         llm_losses, t_llm, text_scores = old["losses"]["llm"], old["minutes"]["llm"] * 60, old["text_form_eval"]
     else:
+        sphinx.llm = M.build(cfg.llm) if args.reuse_vision else sphinx.llm
         t = time.perf_counter()
         llm_losses = train_llm(sphinx.llm, tok, args, cfg.canvas, autocast, log)[::50]
         t_llm = time.perf_counter() - t
-        text_scores = eval_text_form(sphinx.llm, tok, args.seed, cfg.canvas)
+        text_scores = eval_text_form(sphinx.llm, tok, args.seed, cfg.canvas, per_task=40)
     log("LLM base, held-out questions with the scene given as text: " +
         ", ".join(f"{k} {v:.0%}" for k, v in text_scores.items()))
-    summary = {"recipe": {k: getattr(args, k) for k in RECIPE} | {"vit_objective": args.vit_objective},
-               "autocast_bf16": autocast,
-               "minutes": {"vision": t_vis / 60, "llm": t_llm / 60, "total": (time.perf_counter() - t_all + (t_llm if reuse else 0)) / 60},
-               "losses": {"clip": clip_losses[::10], "mim": mim_losses[::10], "llm": llm_losses},
-               "probes": {"random": before, "pretrained": after}, "text_form_eval": text_scores}
+    recipe = {k: getattr(args, k) for k in RECIPE} | {k: getattr(args, k) for k in (
+        "vit_objective", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every")}
+    summary = {"recipe": recipe, "autocast_bf16": autocast,
+               "minutes": {"vision": vision["minutes"], "llm": t_llm / 60,
+                           "total": vision["minutes"] + t_llm / 60 + (time.perf_counter() - t_all - t_llm) / 60},
+               "losses": vision["losses"] | {"llm": llm_losses}, "probes": vision["probes"],
+               "text_form_eval": text_scores}
     L.save_base(out / f"{args.size}.safetensors", sphinx, summary)
-    log(f"saved {out / f'{args.size}.safetensors'} and {tok_path} in {summary['minutes']['total']:.1f} min")
+    log(f"saved {out / f'{args.size}.safetensors'} and {out / 'tokenizer.json'} in {summary['minutes']['total']:.1f} min")
 
 
 if __name__ == "__main__":
