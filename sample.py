@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-import data as D
+import data
 import loading
-import model as M
+from model import DTYPES, pick_dtype
 from checkpoint import CheckpointError
 from generate import generate
 from moe import moe_layers, prune_experts, set_top_k
@@ -110,16 +110,16 @@ def load(args):
         except ValueError:
             raise ValueError(f"--keep-experts {args.keep_experts!r}: expected expert numbers like 0,2,5") from None
         prune_experts(model, keep)
-    dtype, why = M.pick_dtype(args.dtype, args.device, decode_dim=model.llm.cfg.dim)
+    dtype, why = pick_dtype(args.dtype, args.device, decode_dim=model.llm.cfg.dim)
     print(f"({dtype}: {why})", file=sys.stderr)
-    return model.to(args.device, M.DTYPES[dtype]).eval(), D.Tokenizer(tok_path)
+    return model.to(args.device, DTYPES[dtype]).eval(), data.Tokenizer(tok_path)
 
 
 def answer(model, tok, turns, tiles, args, out=sys.stdout) -> str:
     """Stream the reply to the last question of `turns`, token by token."""
-    tokens = D.prompt_tokens(tok, turns)
+    tokens = data.prompt_tokens(tok, turns)
     gen = torch.Generator().manual_seed(args.seed)
-    stop = "\n" + D.SEP
+    stop = "\n" + data.SEP
     ids, shown = [], ""
     for t in generate(model, tokens, tiles, args.max_new_tokens, stop_ids=(tok.eos_id,), stop_text=stop,
                         decode=tok.decode, temperature=args.temperature, top_p=args.top_p, generator=gen,
@@ -132,7 +132,7 @@ def answer(model, tok, turns, tiles, args, out=sys.stdout) -> str:
             out.write(text[len(shown):])
             out.flush()
             shown = text
-    final = tok.decode(ids).removesuffix("\n" + D.SEP).strip()
+    final = tok.decode(ids).removesuffix("\n" + data.SEP).strip()
     out.write("\n")
     return final
 
@@ -161,7 +161,7 @@ def draw_answer(photo, text: str, layout, path):
 
 def fits(model, tok, turns, tiles, args) -> bool:
     """Prompt + image block + the longest answer within the LLM's context."""
-    n = len(D.prompt_tokens(tok, turns)) + (model.layout.block_len(tiles.fully_padded) if tiles is not None else 0)
+    n = len(data.prompt_tokens(tok, turns)) + (model.layout.block_len(tiles.fully_padded) if tiles is not None else 0)
     return n + args.max_new_tokens <= model.llm.cfg.max_seq_len
 
 
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
             if not args.chat:
                 return 0
             prompt = None
-    except (ImageError, CheckpointError, D.DataError, FileNotFoundError, ValueError, OSError) as e:
+    except (ImageError, CheckpointError, data.DataError, FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

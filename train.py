@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import data
 import loading
-import model as M
+from model import DTYPES, SIZES, Sphinx, SphinxConfig, build_sphinx, sphinx_config
 import world
 from checkpoint import CheckpointError, load_state_strict, unique_state_dict, verify_safetensors
 from generate import generate
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     """The flags, with each size's recipe filled in; nothing changes them afterwards."""
     p = argparse.ArgumentParser(description=__doc__, epilog=recipe_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="tiny", help=f"one of {', '.join(M.SIZES)}")
+    p.add_argument("--size", default="tiny", help=f"one of {', '.join(SIZES)}")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (the rest are data-parallel)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a mixture JSON file")
     p.add_argument("--tasks-per-image", type=int, default=1,
@@ -114,8 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="per-rank peak for the MFU on the progress line")
     p.add_argument("--stop-after", type=int, default=None, help="stop (as if killed) after this many steps")
     args = p.parse_args(argv)
-    if args.size not in M.SIZES:
-        p.error(f"unknown size {args.size!r}; known: {', '.join(M.SIZES)}")
+    if args.size not in SIZES:
+        p.error(f"unknown size {args.size!r}; known: {', '.join(SIZES)}")
     given = {k: getattr(args, k) for k in vars(args)}
     filled = {k: v for k, v in recipe_of(args.size).items() if given.get(k) is None}
     device = args.device or default_device()
@@ -170,7 +170,7 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 
 # ----------------------------------------------------------------------------- model and tokenizer
 
-def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, dtype: str) -> M.Sphinx:
+def build_model(args, mesh: Mesh, cfg: SphinxConfig, dtype: str) -> Sphinx:
     """Every rank builds the same model from the seed. Loaded from files (a checkpoint, a released
     directory, pretrained parts), each rank builds on the meta device and reads only its TP shard; a CPU
     size from its base (or from scratch) is built whole with its random fresh parts, then cut, so that
@@ -184,12 +184,12 @@ def build_model(args, mesh: Mesh, cfg: M.SphinxConfig, dtype: str) -> M.Sphinx:
         check_spread(mesh, [lambda: verify_safetensors(args.init)])
         model = loading.load_sphinx(args.init, tp_group=tp, verify=False)
     else:
-        model = loading.load_base(args.base, cfg) if args.base else M.build_sphinx(cfg)
+        model = loading.load_base(args.base, cfg) if args.base else build_sphinx(cfg)
         if tp is not None:
-            full, model = model, M.build_sphinx(model.cfg, init=False, tp_group=tp)
+            full, model = model, build_sphinx(model.cfg, init=False, tp_group=tp)
             load_state_strict(model, unique_state_dict(full).items(), shard=loading.tp_loading(tp)[1])
             model.mov.freeze_encoders()
-    model.to(torch.device(args.device), M.DTYPES[dtype])
+    model.to(torch.device(args.device), DTYPES[dtype])
     model.llm.activation_checkpointing = args.activation_checkpointing
     return model.train()
 
@@ -454,7 +454,7 @@ def train(args) -> dict:
 def run(args, mesh, log) -> dict:
     t_run = time.perf_counter()
     dtype, why = run_dtype(args, mesh)            # chosen once per run, recorded, reused by a resume
-    cfg = M.sphinx_config(args.size)
+    cfg = sphinx_config(args.size)
     tok = get_tokenizer(args, mesh, cfg)
     model = build_model(args, mesh, cfg, dtype)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

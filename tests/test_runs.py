@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import runs
 from runs import RunError
+import model as M
 import train as T
 from multiproc import free_port, spawn
 from train_runs import COMMON, assert_same, run
@@ -206,11 +207,11 @@ def test_precision_is_chosen_once_and_a_resume_reuses_it(tokenizer, tmp_path, mo
     out = tmp_path / "run"
     argv = [a for a in COMMON if a not in ("--dtype", "fp32")] + ["--tokenizer", tokenizer, "--out", str(out), "--steps", "3",
                                                                "--ckpt-every", "1"]
-    monkeypatch.setattr(T.M, "pick_dtype", lambda choice, device: ("bf16", "injected: bf16 instructions"))
+    monkeypatch.setattr(M, "pick_dtype", lambda choice, device: ("bf16", "injected: bf16 instructions"))
     T.train(T.parse_args(argv + ["--stop-after", "1"]))
     assert json.loads((out / "run.json").read_text()) == {"dtype": "bf16", "why": "injected: bf16 instructions",
                                                            "asked": "auto"}
-    monkeypatch.setattr(T.M, "pick_dtype", lambda choice, device: ("fp32", "injected: no bf16"))
+    monkeypatch.setattr(M, "pick_dtype", lambda choice, device: ("fp32", "injected: no bf16"))
     res = T.train(T.parse_args(argv + ["--resume"]))
     assert len(res["losses"]) == 3 and next(res["model"].llm.parameters()).dtype == torch.bfloat16
 

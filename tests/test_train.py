@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import data as D
 import formats.hf as HF
 from formats.encoders import load_encoder
+import model as M
 import train as T
 import world as W
 from parallel import Mesh
@@ -36,7 +37,7 @@ def test_tp2_matches_one_process(single, tokenizer, tmp_path):
     assert_same(single, tp2)
     # plan.py counts what the runs hold: fp32 ZeRO-2 state (grad shard + master + moments) per rank.
     from tools import plan as P
-    cfg = T.M.sphinx_config("tiny")
+    cfg = M.sphinx_config("tiny")
     assert P.plan(cfg, dp=1, tp=1, weight_bytes=4)["zero2_state"] == single[0][0]["state_bytes"]
     assert P.plan(cfg, dp=1, tp=2, weight_bytes=4)["zero2_state"] == tp2[0][0]["state_bytes"]
 
@@ -114,7 +115,7 @@ def test_image_reliance_swaps_images_within_a_layout(tokenizer, monkeypatch):
     """Own vs another sample's image: different for a model that sees images, equal when the image
     block carries nothing; each 'other' is a different sample with the same skip pattern."""
     torch.manual_seed(0)
-    model = T.M.build_sphinx(T.M.sphinx_config("tiny")).eval()
+    model = M.build_sphinx(M.sphinx_config("tiny")).eval()
     tok = D.Tokenizer(tokenizer)
     mesh = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
     samples = W.eval_samples(0, 24, 128)
@@ -172,7 +173,6 @@ def test_paper_start_from_pretrained_parts_with_epochs(tmp_path, monkeypatch, ca
     # fresh projector; random toy parts written by transformers' save_pretrained stand in for them.
     import transformers
     import loading as L
-    import model as M
     import vision as V
     torch.manual_seed(0)
     llm_cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,

@@ -39,11 +39,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data as D
-import loading as L
-import model as M
+import data
+import loading
+import model
 import train
-import world as W
+import world
 from parallel import Mesh
 from tiling import photo_to_canvas, tile
 
@@ -54,7 +54,7 @@ WARMUP = 0.02          # linear warm-up over the first 2% of each stage's steps,
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="tiny", choices=[s for s in M.SIZES if s.startswith("tiny")])
+    p.add_argument("--size", default="tiny", choices=[s for s in model.SIZES if s.startswith("tiny")])
     p.add_argument("--out", default="base", help="directory for <size>.safetensors and tokenizer.json")
     for k, v in RECIPE.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
@@ -103,52 +103,52 @@ def optimise(name: str, params, steps: int, lr: float, loss_at, batch: int, log,
 
 # ----------------------------------------------------------------------------- 1-2: tokenizer and LLM
 
-def scene_prefix(sample: D.Sample, canvas: int) -> str:
+def scene_prefix(sample: data.Sample, canvas: int) -> str:
     """The scene in the detection answer's words and boxes, where the image block goes ('' without one)."""
     if sample.image is None:
         return ""
     t = sample.truth
-    return W.scene_text(t["objects"], t["word"], sample.image.size, canvas) + ".\n"
+    return world.scene_text(t["objects"], t["word"], sample.image.size, canvas) + ".\n"
 
 
-def text_form(sample: D.Sample, canvas: int) -> str:
+def text_form(sample: data.Sample, canvas: int) -> str:
     """A synthetic sample as the LLM base reads it: the scene in words, then the conversation."""
-    return scene_prefix(sample, canvas) + D.prompt_text(sample.turns)
+    return scene_prefix(sample, canvas) + data.prompt_text(sample.turns)
 
 
-def base_samples(seed: int, start: int, n: int, canvas: int, tasks_per_image: int = 1) -> list[D.Sample]:
-    return [W.synthetic_sample(seed, "train", i, canvas, tasks_per_image) for i in range(start, start + n)]
+def base_samples(seed: int, start: int, n: int, canvas: int, tasks_per_image: int = 1) -> list[data.Sample]:
+    return [world.synthetic_sample(seed, "train", i, canvas, tasks_per_image) for i in range(start, start + n)]
 
 
 def base_texts(seed: int, start: int, n: int, canvas: int) -> list[str]:
     return [text_form(s, canvas) for s in base_samples(seed, start, n, canvas)]
 
 
-def lm_batch(tok: D.Tokenizer, samples: list[D.Sample], canvas: int, answers_only: bool = True):
+def lm_batch(tok: data.Tokenizer, samples: list[data.Sample], canvas: int, answers_only: bool = True):
     """BOS + scene text + conversation, right-padded. answers_only: the loss falls on the assistant's answers
     alone, as in the tuning: the scene's random coordinates cannot be predicted, and learning to find the
     right item in the context and copy it is what every task needs. Otherwise on every next token."""
-    seqs = [D.tokenize_conversation(tok, s.turns, s.task, prefix=scene_prefix(s, canvas)) for s in samples]
+    seqs = [data.tokenize_conversation(tok, s.turns, s.task, prefix=scene_prefix(s, canvas)) for s in samples]
     T = max(len(ids) for ids, _ in seqs)
     x = torch.tensor([ids + [tok.eos_id] * (T - len(ids)) for ids, _ in seqs])
-    y = torch.tensor([[t if (keep or not answers_only) else D.IGNORE_INDEX for t, keep in zip(ids[1:], mask[1:])]
-                      + [D.IGNORE_INDEX] * (T - len(ids) + 1) for ids, mask in seqs])
+    y = torch.tensor([[t if (keep or not answers_only) else data.IGNORE_INDEX for t, keep in zip(ids[1:], mask[1:])]
+                      + [data.IGNORE_INDEX] * (T - len(ids) + 1) for ids, mask in seqs])
     return x, y
 
 
-def induction_batch(tok: D.Tokenizer, gen: torch.Generator, n: int = 32, length: int = 32):
+def induction_batch(tok: data.Tokenizer, gen: torch.Generator, n: int = 32, length: int = 32):
     """BOS + a random token sequence + the same sequence again; the loss on the repeat. It grows the
     attention heads that find a token's earlier occurrence and copy what followed it (induction heads),
     which every task needs (copy the shape that follows "green" in the scene) and which the world's text
     alone grows slowly (a fresh tiny LLM learns this task in ~100 steps)."""
     r = torch.randint(10, tok.vocab_size, (n, length), generator=gen)
     x = torch.cat([torch.full((n, 1), tok.bos_id), r, r], 1)
-    y = torch.full_like(x, D.IGNORE_INDEX)
+    y = torch.full_like(x, data.IGNORE_INDEX)
     y[:, length + 1:-1] = x[:, length + 2:]
     return x, y
 
 
-def train_llm(llm: M.Transformer, tok, args, canvas: int, autocast: bool, log) -> list[float]:
+def train_llm(llm: model.Transformer, tok, args, canvas: int, autocast: bool, log) -> list[float]:
     gen = torch.Generator().manual_seed(args.seed)
 
     def loss_at(step):
@@ -172,13 +172,13 @@ def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20, log=pri
     replaces the text."""
     one = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
     prompt_of = lambda s: ([tok.bos_id] + tok.encode(text_form(s, canvas)), None)
-    scores = train.evaluate(llm, tok, one, W.eval_per_task(seed, per_task, canvas), prompt_of, log=log)
+    scores = train.evaluate(llm, tok, one, world.eval_per_task(seed, per_task, canvas), prompt_of, log=log)
     return {t: right / n for t, (right, n) in scores.items() if n}
 
 
 # ----------------------------------------------------------------------------- views and their contents
 
-def view_contents(sample: D.Sample, canvas: int, grid: int):
+def view_contents(sample: data.Sample, canvas: int, grid: int):
     """Per encoded view: [(colour or 'text', shape or 'word', box in view coordinates)], objects whose
     centre lies in the view. View 0 is the whole canvas, then the sub-images row-major (tiling.py)."""
     t = sample.truth
@@ -215,7 +215,7 @@ def view_batch(seed: int, split: str, start: int, n_views: int, canvas: int, gri
     (the model never encodes them)."""
     views, contents, i = [], [], start
     while len(views) < n_views:
-        s = W.synthetic_sample(seed, split, i, canvas)
+        s = world.synthetic_sample(seed, split, i, canvas)
         i += 1
         if s.image is None:
             continue
@@ -242,15 +242,15 @@ class TextTower(nn.Module):
 
     def __init__(self, vocab: int, dim: int = 128, layers: int = 2, out: int = 128):
         super().__init__()
-        self.cfg = M.ModelConfig(dim=dim, n_layers=layers, n_heads=4, n_kv_heads=4, vocab_size=vocab, ffn_dim=4 * dim)
+        self.cfg = model.ModelConfig(dim=dim, n_layers=layers, n_heads=4, n_kv_heads=4, vocab_size=vocab, ffn_dim=4 * dim)
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(M.Block(self.cfg) for _ in range(layers))
-        self.norm = M.RMSNorm(dim, 1e-5)
+        self.blocks = nn.ModuleList(model.Block(self.cfg) for _ in range(layers))
+        self.norm = model.RMSNorm(dim, 1e-5)
         self.proj = nn.Linear(dim, out, bias=False)
 
     def forward(self, ids, lengths):
         h = self.embed(ids)
-        cos, sin = M.rope_cos_sin(torch.arange(ids.shape[1]), self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = model.rope_cos_sin(torch.arange(ids.shape[1]), self.cfg.head_dim, self.cfg.rope_theta)
         for b in self.blocks:
             h = b(h, cos, sin)
         return self.proj(self.norm(h)[torch.arange(len(ids)), lengths - 1])
@@ -336,8 +336,8 @@ def standardise_outputs(mov, seed: int, canvas: int, grid: int, n_views: int = 2
 
 # ----------------------------------------------------------------------------- 5: linear probes
 
-COLOURS = ("none",) + tuple(W.COLORS) + ("text",)
-SHAPES = ("none",) + W.SHAPES + ("word",)
+COLOURS = ("none",) + tuple(world.COLORS) + ("text",)
+SHAPES = ("none",) + world.SHAPES + ("word",)
 
 
 def cell_labels(contents, g: int):
@@ -433,16 +433,16 @@ def vision_stages(args, cfg, tok, sphinx, log) -> dict:
             "probes": {"random": before, "pretrained": after}}
 
 
-def tokenizer_for(args, cfg, out: Path, log) -> D.Tokenizer:
+def tokenizer_for(args, cfg, out: Path, log) -> data.Tokenizer:
     """The base's tokenizer: the reused base's (the encoders' caption tower and the LLM depend on it), or new."""
     tok_path = out / "tokenizer.json"
     reused = args.reuse_llm or args.reuse_vision
     if reused:
         if Path(reused).parent.resolve() != out.resolve():
             shutil.copyfile(Path(reused).parent / "tokenizer.json", tok_path)
-        tok = D.Tokenizer(tok_path)
+        tok = data.Tokenizer(tok_path)
     else:
-        tok = D.train_tokenizer(base_texts(args.seed, 0, 4000, cfg.canvas), cfg.llm.vocab_size, tok_path)
+        tok = data.train_tokenizer(base_texts(args.seed, 0, 4000, cfg.canvas), cfg.llm.vocab_size, tok_path)
     log(f"tokenizer: {tok.vocab_size} tokens -> {tok_path}")
     return tok
 
@@ -450,7 +450,7 @@ def tokenizer_for(args, cfg, out: Path, log) -> D.Tokenizer:
 def main(argv=None):
     args = parse_args(argv)
     log = lambda *a: print(*a, flush=True)
-    cfg = M.sphinx_config(args.size)
+    cfg = model.sphinx_config(args.size)
     problem = refusal(args, cfg)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -458,24 +458,24 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    dtype, why = M.pick_dtype(args.dtype)
+    dtype, why = model.pick_dtype(args.dtype)
     autocast = dtype == "bf16"
     log(f"tiny base for {args.size}: LLM stage in {'bf16 autocast' if autocast else 'fp32'} ({why})")
     tok = tokenizer_for(args, cfg, out, log)
     torch.manual_seed(args.seed)
     if args.reuse_vision:                    # the vision stages do not depend on the LLM: keep them
-        sphinx, old = L.load_base(args.reuse_vision, cfg), L.base_summary(args.reuse_vision)
+        sphinx, old = loading.load_base(args.reuse_vision, cfg), loading.base_summary(args.reuse_vision)
         vision = {"minutes": old["minutes"]["vision"], "losses": {k: old["losses"][k] for k in ("clip", "mim")},
                   "probes": old["probes"]}
     else:
-        sphinx = M.build_sphinx(cfg)
+        sphinx = model.build_sphinx(cfg)
         vision = vision_stages(args, cfg, tok, sphinx, log)
     if args.reuse_llm:
-        old = L.base_summary(args.reuse_llm)
-        sphinx.llm = L.load_base(args.reuse_llm, cfg).llm
+        old = loading.base_summary(args.reuse_llm)
+        sphinx.llm = loading.load_base(args.reuse_llm, cfg).llm
         llm_losses, t_llm, text_scores = old["losses"]["llm"], old["minutes"]["llm"] * 60, old["text_form_eval"]
     else:
-        sphinx.llm = M.build(cfg.llm) if args.reuse_vision else sphinx.llm
+        sphinx.llm = model.build(cfg.llm) if args.reuse_vision else sphinx.llm
         t = time.perf_counter()
         llm_losses = train_llm(sphinx.llm, tok, args, cfg.canvas, autocast, log)[::50]
         t_llm = time.perf_counter() - t
@@ -489,7 +489,7 @@ def main(argv=None):
                            "total": vision["minutes"] + t_llm / 60 + (time.perf_counter() - t_all - t_llm) / 60},
                "losses": vision["losses"] | {"llm": llm_losses}, "probes": vision["probes"],
                "text_form_eval": text_scores}
-    L.save_base(out / f"{args.size}.safetensors", sphinx, summary)
+    loading.save_base(out / f"{args.size}.safetensors", sphinx, summary)
     log(f"saved {out / f'{args.size}.safetensors'} and {out / 'tokenizer.json'} in {summary['minutes']['total']:.1f} min")
 
 

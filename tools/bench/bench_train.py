@@ -18,7 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import model as M
+import data
 import train as T
+import world
 from parallel import Mesh, setup_mesh
 from zero import ZeRO2
 
@@ -50,8 +52,8 @@ def _dp_worker(rank, world, port, tok_path, steps, out):
     for name, cls in (("plain all-reduce", AllReduceAdamW), ("ZeRO-2", ZeRO2)):
         model = T.build_model(args, mesh, cfg, "fp32")
         opt = cls([(n, p) for n, p in model.named_parameters() if p.requires_grad], mesh, 1e-3)
-        src = T.D.SampleSource([{"path": "synthetic", "ratio": 1}], 0, cfg.canvas, synthetic=T.W.synthetic_sample)
-        batch = T.D.Batcher(src, tok, model.layout, 320, 16, rank=mesh.dp_rank, world=mesh.dp).next()
+        src = data.SampleSource([{"path": "synthetic", "ratio": 1}], 0, cfg.canvas, synthetic=world.synthetic_sample)
+        batch = data.Batcher(src, tok, model.layout, 320, 16, rank=mesh.dp_rank, world=mesh.dp).next()
         times = []
         for _ in range(steps):
             dist.barrier()
