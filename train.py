@@ -116,17 +116,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.size not in SIZES:
         p.error(f"unknown size {args.size!r}; known: {', '.join(SIZES)}")
-    given = {k: getattr(args, k) for k in vars(args)}
-    filled = {k: v for k, v in recipe_of(args.size).items() if given.get(k) is None}
-    device = args.device or default_device()
-    base = args.base or (str(DEFAULT_BASE) if args.size.startswith("tiny") and not (args.from_scratch or args.init)
-                         else None)
-    args = argparse.Namespace(**{**given, **filled, "device": device, "base": base,
-                                 "out": Path(args.out or f"out/{args.size}")})
+    args = resolved(args)
     problem = check_args(args)
     if problem:
         p.error(problem)
     return args
+
+
+def resolved(args) -> argparse.Namespace:
+    """The flags with the size's recipe, the default device, the shipped base and the run directory filled in."""
+    given = dict(vars(args))
+    filled = {k: v for k, v in recipe_of(args.size).items() if given.get(k) is None}
+    base = args.base or (str(DEFAULT_BASE) if args.size.startswith("tiny") and not (args.from_scratch or args.init)
+                         else None)
+    return argparse.Namespace(**{**given, **filled, "device": args.device or default_device(), "base": base,
+                                 "out": Path(args.out or f"out/{args.size}")})
 
 
 def check_args(args) -> str | None:
@@ -432,6 +436,25 @@ def make_data(args, mesh, cfg, tok, layout, log):
     return skips, batcher, total_steps(args, source, log), args.batch // (args.micro_batch * mesh.dp)
 
 
+def finish(args, mesh, model, tok, opt, batcher, step, losses, progress, skips, log) -> dict:
+    """The end of a run: the last checkpoint, the held-out report (also a row of metrics.jsonl), run.png."""
+    save_checkpoint(args, mesh, model, opt, batcher, step, losses)
+    log(f"saved {args.out / 'model.safetensors'} (and {args.out / 'tokenizer.json'}) after "
+        f"{(time.perf_counter() - progress.t_start) / 60:.1f} min")
+    if skips.reasons:
+        log(skips.report())
+    result = {"losses": losses, "mesh": mesh, "model": model, "opt": opt}
+    if args.eval_per_task:
+        result.update(final_report(args, mesh, model, tok, log))
+        own, other = result["image_reliance"]
+        progress.record({"step": step, "elapsed_s": time.perf_counter() - progress.t_start, "final": True,
+                         "eval": {t: r / n for t, (r, n) in result["eval"].items() if n}, "reliance": own / max(other, 1e-9)})
+    if mesh.is_main:
+        picture = draw_run(args.out / "metrics.jsonl", args.out / "run.png")
+        log(f"picture of the run: {picture}")
+    return result
+
+
 def train(args) -> dict:
     mesh = setup_mesh(args.tp, args.device)
     log = (lambda *a: print(*a, flush=True)) if mesh.is_main else (lambda *a: None)
@@ -445,7 +468,11 @@ def train(args) -> dict:
     if agree(mesh.world_group, refusal is not None):
         raise RunError(refusal or f"{args.out}: refused by rank 0 (see its message)")
     try:
-        return run(args, mesh, log)
+        result = run(args, mesh, log)
+        t_run = result.pop("t_run", None)
+        if t_run is not None:
+            log(f"wall time {(time.perf_counter() - t_run) / 60:.1f} min (built, trained, saved, evaluated)")
+        return result
     finally:
         if lock:
             lock.unlink(missing_ok=True)
@@ -498,22 +525,7 @@ def run(args, mesh, log) -> dict:
         if args.stop_after and step >= args.stop_after:
             log(f"stopping after step {step} (--stop-after)")
             return {"losses": losses, "mesh": mesh, "model": model, "opt": opt}
-    save_checkpoint(args, mesh, model, opt, batcher, step, losses)
-    log(f"saved {args.out / 'model.safetensors'} (and {args.out / 'tokenizer.json'}) after "
-        f"{(time.perf_counter() - progress.t_start) / 60:.1f} min")
-    if skips.reasons:
-        log(skips.report())
-    result = {"losses": losses, "mesh": mesh, "model": model, "opt": opt}
-    if args.eval_per_task:
-        result.update(final_report(args, mesh, model, tok, log))
-        own, other = result["image_reliance"]
-        progress.record({"step": step, "elapsed_s": time.perf_counter() - progress.t_start, "final": True,
-                         "eval": {t: r / n for t, (r, n) in result["eval"].items() if n}, "reliance": own / max(other, 1e-9)})
-    if mesh.is_main:
-        picture = draw_run(args.out / "metrics.jsonl", args.out / "run.png")
-        log(f"picture of the run: {picture}")
-    log(f"wall time {(time.perf_counter() - t_run) / 60:.1f} min (built, trained, saved, evaluated)")
-    return result
+    return finish(args, mesh, model, tok, opt, batcher, step, losses, progress, skips, log) | {"t_run": t_run}
 
 
 def interrupted_line(args) -> str:
