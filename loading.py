@@ -144,6 +144,13 @@ def load_base(path, cfg: SphinxConfig, device="cpu", dtype=torch.float32) -> Sph
     return model
 
 
+def tokenizer_beside(checkpoint) -> Path | None:
+    """The tokenizer.json a checkpoint of ours was trained with: beside it in its run directory, or one level
+    up for a step-N/ checkpoint; None if neither exists."""
+    here = Path(checkpoint).resolve().parent
+    return next((p for p in (here / "tokenizer.json", here.parent / "tokenizer.json") if p.exists()), None)
+
+
 def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
     """The fields that shape the weights agree (context length and RoPE scaling may differ)."""
     keep = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings", "n_experts")

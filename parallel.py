@@ -78,10 +78,6 @@ def all_reduce(t, group, op=None):
     return t
 
 
-def world_group(mesh):
-    return mesh.world_group
-
-
 def agree(group, value, op: str = "sum") -> float:
     """Every rank of `group` ends with the same number: the sum (or max, min) of each rank's flag or count.
     How ranks agree to stop, skip, or refuse together instead of leaving the others in a collective."""

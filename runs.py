@@ -247,7 +247,8 @@ TASK_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (14
 
 
 def _panel(draw, box, series, x_max, y_max, title, x_label):
-    """One line chart in `box` (x0, y0, x1, y1): series = [(label, colour, [(x, y), ...])]."""
+    """One line chart in `box` (x0, y0, x1, y1): series = [(label, colour, [(x, y), ...])]. Returns the
+    (x, y) -> pixel map, for marks drawn on top."""
     x0, y0, x1, y1 = box
     draw.rectangle(box, outline=(0, 0, 0))
     draw.text((x0, y0 - 14), title, fill=(0, 0, 0))
@@ -266,6 +267,7 @@ def _panel(draw, box, series, x_max, y_max, title, x_label):
             (cx, cy), r = px(*points[0]), 3
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
         draw.text((x1 + 8, y0 + 14 * i), label, fill=colour)
+    return px
 
 
 def draw_run(metrics: Path, out: Path) -> Path:
@@ -288,12 +290,13 @@ def draw_run(metrics: Path, out: Path) -> Path:
     series = [(t, TASK_COLORS[i % 7], [(r["step"], r["eval"][t]) for r in interim if t in r["eval"]])
               for i, t in enumerate(tasks)]
     series.append(("reliance", TASK_COLORS[7], [(r["step"], r["reliance"]) for r in interim]))
-    _panel(draw, (50, 290, 600, 480), series, x_max, 1.0,
-           "held-out accuracy per task; reliance = own / other image answer loss (lower: uses the image)", "step")
+    px = _panel(draw, (50, 290, 600, 480), series, x_max, 1.0,
+                "held-out accuracy per task; reliance = own / other image answer loss (lower: uses the image)", "step")
     for i, t in enumerate(tasks):                   # the end-of-run evaluation (all held-out samples): a dot per task
         final = next((r["eval"][t] for r in reversed(evals) if r.get("final") and t in r["eval"]), None)
         if final is not None:
-            cx, cy = 600 - 4 * i, 480 - 190 * final
+            cx, cy = px(x_max, final)
+            cx -= 4 * i                             # side by side where several tasks share a score
             draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=TASK_COLORS[i % 7])
     tmp = out.with_name(out.name + ".tmp.png")
     img.save(tmp)

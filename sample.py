@@ -88,8 +88,7 @@ def load(args):
     ours = None if args.size else our_checkpoint(ckpt)
     if ours:
         model = loading.load_sphinx(ours, **overrides)
-        tok_path = args.tokenizer or next((p for p in (ours.parent / "tokenizer.json", ours.parent.parent / "tokenizer.json")
-                                           if p.exists()), ours.parent / "tokenizer.json")
+        tok_path = args.tokenizer or loading.tokenizer_beside(ours) or ours.parent / "tokenizer.json"
     else:
         from formats import outside        # the wing, only for an outside format
         if not args.size and not outside.is_released_dir(ckpt):

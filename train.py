@@ -208,8 +208,7 @@ def given_tokenizer(args) -> Path | None:
     if args.tokenizer or args.base:
         return Path(args.tokenizer or Path(args.base).parent / "tokenizer.json")
     if args.init and Path(args.init).is_file():
-        here = Path(args.init).resolve().parent            # its run directory, or above a step-N/ directory
-        found = next((p for p in (here / "tokenizer.json", here.parent / "tokenizer.json") if p.exists()), None)
+        found = loading.tokenizer_beside(args.init)
         if found is None:
             raise RunError(f"--init {args.init}: no tokenizer.json in its run directory; pass the one it was "
                            "trained with as --tokenizer")
@@ -292,13 +291,23 @@ def image_reliance(model, tok, mesh, samples) -> tuple[float, float]:
     return sums[0].item() / n, sums[1].item() / n
 
 
+def accuracy(scores: dict) -> dict:
+    """{task: (right, n)} -> {task: right / n} over the tasks that had samples."""
+    return {t: right / n for t, (right, n) in scores.items() if n}
+
+
+def reliance_ratio(own: float, other: float) -> float:
+    """Answer loss with the sample's own image over that with another's: 1 means the image is ignored."""
+    return own / max(other, 1e-9)
+
+
 def interim_eval(args, mesh, model, tok) -> dict:
     """The fixed held-out subset scored during training: per-task accuracy and the image-reliance ratio."""
     held_out = world.eval_per_task(args.seed, args.eval_subset, model.cfg.canvas)
     quiet = lambda *a: None
     scores = evaluate(model, tok, mesh, held_out, log=quiet)
     own, other = image_reliance(model, tok, mesh, held_out)
-    return {"eval": {t: right / n for t, (right, n) in scores.items() if n}, "reliance": own / max(other, 1e-9)}
+    return {"eval": accuracy(scores), "reliance": reliance_ratio(own, other)}
 
 
 def final_report(args, mesh, model, tok, log) -> dict:
@@ -319,7 +328,7 @@ def final_report(args, mesh, model, tok, log) -> dict:
             log(f"  {task:10s} {right / n:6.1%}  ({int(right)}/{int(n)}; text-only baseline {blind[task][0] / n:.1%})")
     own, other = image_reliance(model, tok, mesh, held_out)
     log(f"image reliance: held-out answer loss {own:.3f} with each sample's own image, {other:.3f} with "
-        f"another sample's image (ratio {own / max(other, 1e-9):.2f}; 1 means the answers ignore the image)")
+        f"another sample's image (ratio {reliance_ratio(own, other):.2f}; 1 means the answers ignore the image)")
     if is_moe:
         log("expert usage during evaluation:\n" + usage_report(model))
     return {"eval": scores, "text_only_baseline": blind, "image_reliance": (own, other)}
@@ -436,8 +445,9 @@ def make_data(args, mesh, cfg, tok, layout, log):
     return skips, batcher, total_steps(args, source, log), args.batch // (args.micro_batch * mesh.dp)
 
 
-def finish(args, mesh, model, tok, opt, batcher, step, losses, progress, skips, log) -> dict:
-    """The end of a run: the last checkpoint, the held-out report (also a row of metrics.jsonl), run.png."""
+def finish(args, mesh, model, tok, opt, batcher, step, losses, progress, skips, log, t_run: float) -> dict:
+    """The end of a run: the last checkpoint, the held-out report (also a row of metrics.jsonl), run.png, and
+    the wall time since the run began (t_run)."""
     save_checkpoint(args, mesh, model, opt, batcher, step, losses)
     log(f"saved {args.out / 'model.safetensors'} (and {args.out / 'tokenizer.json'}) after "
         f"{(time.perf_counter() - progress.t_start) / 60:.1f} min")
@@ -446,12 +456,12 @@ def finish(args, mesh, model, tok, opt, batcher, step, losses, progress, skips, 
     result = {"losses": losses, "mesh": mesh, "model": model, "opt": opt}
     if args.eval_per_task:
         result.update(final_report(args, mesh, model, tok, log))
-        own, other = result["image_reliance"]
         progress.record({"step": step, "elapsed_s": time.perf_counter() - progress.t_start, "final": True,
-                         "eval": {t: r / n for t, (r, n) in result["eval"].items() if n}, "reliance": own / max(other, 1e-9)})
+                         "eval": accuracy(result["eval"]), "reliance": reliance_ratio(*result["image_reliance"])})
     if mesh.is_main:
         picture = draw_run(args.out / "metrics.jsonl", args.out / "run.png")
         log(f"picture of the run: {picture}")
+    log(f"wall time {(time.perf_counter() - t_run) / 60:.1f} min (built, trained, saved, evaluated)")
     return result
 
 
@@ -468,11 +478,7 @@ def train(args) -> dict:
     if agree(mesh.world_group, refusal is not None):
         raise RunError(refusal or f"{args.out}: refused by rank 0 (see its message)")
     try:
-        result = run(args, mesh, log)
-        t_run = result.pop("t_run", None)
-        if t_run is not None:
-            log(f"wall time {(time.perf_counter() - t_run) / 60:.1f} min (built, trained, saved, evaluated)")
-        return result
+        return run(args, mesh, log)
     finally:
         if lock:
             lock.unlink(missing_ok=True)
@@ -525,7 +531,7 @@ def run(args, mesh, log) -> dict:
         if args.stop_after and step >= args.stop_after:
             log(f"stopping after step {step} (--stop-after)")
             return {"losses": losses, "mesh": mesh, "model": model, "opt": opt}
-    return finish(args, mesh, model, tok, opt, batcher, step, losses, progress, skips, log) | {"t_run": t_run}
+    return finish(args, mesh, model, tok, opt, batcher, step, losses, progress, skips, log, t_run)
 
 
 def interrupted_line(args) -> str:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import CheckpointError
-from parallel import Mesh, all_reduce, partial_grad, split_dim, world_group
+from parallel import Mesh, all_reduce, partial_grad, split_dim
 
 MAX_IN_FLIGHT = 2       # asynchronous reduce-scatters pending at once (each holds a bucket-sized buffer)
 
@@ -180,7 +180,7 @@ class ZeRO2:
         sumsq = torch.zeros((), dtype=torch.float64)
         for g, w in zip(self.grad, self.norm_w):
             sumsq += torch.dot(g * w, g).double().cpu()   # per bucket fp32 (relative error ~1e-7: clipping only)
-        norm = all_reduce(sumsq, world_group(self.mesh)).sqrt().item()
+        norm = all_reduce(sumsq, self.mesh.world_group).sqrt().item()
         scale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
         self.step_count += 1
         b1, b2 = self.betas

@@ -173,7 +173,7 @@ def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20, log=pri
     one = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
     prompt_of = lambda s: ([tok.bos_id] + tok.encode(text_form(s, canvas)), None)
     scores = train.evaluate(llm, tok, one, world.eval_per_task(seed, per_task, canvas), prompt_of, log=log)
-    return {t: right / n for t, (right, n) in scores.items() if n}
+    return train.accuracy(scores)
 
 
 # ----------------------------------------------------------------------------- views and their contents
