@@ -64,7 +64,7 @@ class ViTConfig:
 # The paper's encoders compute as their original code: timm's ConvNeXt-XXL (LayerNorm eps 1e-5, open_clip's
 # convnext_xxlarge) and torch.hub's DINOv2 (its own position interpolation).
 CONVNEXT_CONFIGS = {"convnext-xxlarge": ConvNeXtConfig(eps=1e-5),
-                    "tiny": ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), input_size=128)}
+                    "tiny": ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(24, 48, 96, 128), input_size=128)}
 VIT_CONFIGS = {"dinov2-vitg14": ViTConfig(pos_interp="dinov2"),
                "tiny": ViTConfig(dim=128, depth=2, heads=4, patch=16, pos_grid=4, ffn="mlp")}
 

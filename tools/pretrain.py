@@ -1,6 +1,7 @@
 """The tiny base: pretrained parts for the CPU sizes, made the way the paper's parts were made.
 
     python -m tools.pretrain            # -> base/tiny.safetensors + base/tokenizer.json (~1 h on 2 cores)
+    python -m tools.pretrain --reuse-llm base/tiny.safetensors --out base-new   # redo only the encoders
     python -m tools.pretrain --reuse-vision base/tiny.safetensors --llm-loss answers --tasks-per-image 3 \
         --induction-warmup 150 --induction-every 4 --llm-steps 1500 --out base2   # an LLM that copies (docs/results.md)
 
@@ -15,15 +16,21 @@ priors, so the CPU sizes get a base made by this script, one stage per part:
   2. LLM        next-token prediction on the world *as text*: each scene written out in the detection
                 answer's words and boxes where the picture will later sit (right after BOS), then a
                 conversation about it in the chat template; language-only tasks too. It learns the
-                words, the answer formats, arithmetic and copying from context before it sees a pixel.
-  3. ConvNeXt   CLIP-style: contrastive view <-> caption (colour, shape and coarse place of what the
-                view shows), against a small text tower that is thrown away afterwards.
-  4. ViT        masked-image modelling, as DINOv2's iBOT masks patches: hidden patches become the
-                mask token and their pixels are regressed from the output tokens (SimMIM); the
-                pixel head is thrown away.
+                words and the answer formats before it sees a pixel; copying from context needs the
+                loss on the answers and induction batches (the LLM-that-copies command above).
+  3. ConvNeXt   dense, as a detection backbone is pretrained: linear heads on every grid cell's token
+                name what covers the cell (colour, shape, which word) and regress its box; the heads
+                are thrown away. (--convnext-objective clip: contrastive view <-> caption, as CLIP.)
+  4. ViT        the same dense objective. (--vit-objective mim: masked-image modelling as DINOv2's
+                iBOT; clip: contrastive.) The paper's CLIP and DINOv2 learnt from web-scale data what
+                images hold; on this world's few thousand scenes, a caption-level or pixel-level
+                objective leaves shapes, letters and exact places out of the tokens (the probes below
+                measure it), and the dense one puts them in.
      Then each encoder's output channels are standardised (folded into its final LayerNorm).
   5. probes     linear probes of the frozen features (colour, shape and box of what each grid cell
                 shows), random init vs pretrained, printed and stored in the file's metadata.
+The encoders' stages do not depend on the LLM, and the LLM's initialisation does not depend on the
+encoders' shapes, so `--reuse-llm` or `--reuse-vision` give what a full run gives.
 
 Stages 1-2 read only the training split of the synthetic world (world.py keeps held-out scenes out of it).
 """
@@ -35,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,7 +55,7 @@ import world
 from parallel import Mesh
 from tiling import photo_to_canvas, tile
 
-RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, clip_steps=400, mim_steps=400, vis_batch=128,
+RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, convnext_steps=800, vit_steps=800, vis_batch=128,
               vis_lr=2e-3, seed=1000)
 WARMUP = 0.02          # linear warm-up over the first 2% of each stage's steps, then cosine to 0
 
@@ -60,8 +68,10 @@ def parse_args(argv=None):
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="bf16 autocast for the LLM stage; auto: bf16 where the CPU has bf16 matmul instructions")
-    p.add_argument("--vit-objective", choices=("mim", "clip"), default="mim",
-                   help="ViT: masked-image modelling (DINOv2-like) or contrastive like the ConvNeXt")
+    p.add_argument("--convnext-objective", choices=("clip", "dense"), default="dense",
+                   help="ConvNeXt: contrastive with captions (CLIP-like) or dense (name and box what each cell shows)")
+    p.add_argument("--vit-objective", choices=("mim", "clip", "dense"), default="dense",
+                   help="ViT: masked-image modelling (DINOv2-like), contrastive or dense like the ConvNeXt")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--overwrite", action="store_true", help="replace an existing base in --out")
     p.add_argument("--llm-loss", choices=("answers", "all"), default="all",
@@ -179,21 +189,22 @@ def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20, log=pri
 # ----------------------------------------------------------------------------- views and their contents
 
 def view_contents(sample: data.Sample, canvas: int, grid: int):
-    """Per encoded view: [(colour or 'text', shape or 'word', box in view coordinates)], objects whose
-    centre lies in the view. View 0 is the whole canvas, then the sub-images row-major (tiling.py)."""
+    """Per encoded view: [(colour or 'text', shape or 'word', box in view coordinates, the word or '')],
+    things whose centre lies in the view. View 0 is the whole canvas, then the sub-images row-major
+    (tiling.py)."""
     t = sample.truth
-    things = [(o["color"], o["shape"], o["box"]) for o in t["objects"]]
+    things = [(o["color"], o["shape"], o["box"], "") for o in t["objects"]]
     if t["word"]:
-        things.append(("text", "word", t["word"]["box"]))
+        things.append(("text", "word", t["word"]["box"], t["word"]["text"]))
     out = []
     for v in range(1 + grid * grid):
         scale, (ox, oy) = (1, (0, 0)) if v == 0 else (grid, ((v - 1) % grid, (v - 1) // grid))
         inside = []
-        for colour, shape, box in things:
+        for colour, shape, box, text in things:
             b = [c * scale - (ox if i % 2 == 0 else oy) for i, c in enumerate(photo_to_canvas(box, sample.image.size, canvas))]
             cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
             if 0 <= cx < 1 and 0 <= cy < 1:
-                inside.append((colour, shape, b))
+                inside.append((colour, shape, b, text))
         out.append(inside)
     return out
 
@@ -204,7 +215,7 @@ PLACES = (("top left", "top", "top right"), ("left", "center", "right"), ("botto
 def caption(contents) -> str:
     """What CLIP's alt-text would say about one view: 'red circle top left, the word CUP center'."""
     parts = []
-    for colour, shape, b in contents:
+    for colour, shape, b, _ in contents:
         place = PLACES[min(2, int(1.5 * (b[1] + b[3])))][min(2, int(1.5 * (b[0] + b[2])))]
         parts.append(f"{'the word' if shape == 'word' else colour + ' ' + shape} {place}")
     return ", ".join(parts) or "nothing"
@@ -235,7 +246,11 @@ def view_stream(seed: int, n_views: int, canvas: int, grid: int):
         yield views, contents
 
 
-# ----------------------------------------------------------------------------- 3: CLIP-style ConvNeXt
+# ----------------------------------------------------------------------------- 3-4: the encoders' objectives
+
+def encoder_steps(args, which: str) -> int:
+    return args.convnext_steps if which == "convnext" else args.vit_steps
+
 
 class TextTower(nn.Module):
     """A small causal text encoder (as CLIP's): the last token's state, projected."""
@@ -283,8 +298,37 @@ def train_contrastive(mov, which: str, tok, args, canvas, grid, log) -> list[flo
         return clip_loss(head(pooled(views)), text(ids, lengths), log_scale.exp().clamp(max=100), same)
     encoder.requires_grad_(True).train()
     params = list(encoder.parameters()) + list(text.parameters()) + list(head.parameters()) + [log_scale]
-    losses = optimise(f"clip {which}", params, args.clip_steps, args.vis_lr, loss_at, args.vis_batch, log,
+    losses = optimise(f"clip {which}", params, encoder_steps(args, which), args.vis_lr, loss_at, args.vis_batch, log,
                       args.log_every, weight_decay=0.05)
+    encoder.requires_grad_(False).eval()
+    return losses
+
+
+def train_dense(mov, which: str, args, canvas, grid, log) -> list[float]:
+    """Dense training of one encoder ('convnext' or 'vit'), as a detection backbone is pretrained: linear
+    heads on every grid cell's token name what covers the cell (colour, shape, which word) and regress
+    its box. The heads are thrown away; what stays is a token that carries, linearly, the shape, the
+    letters and the exact place of what it sees, which a caption-level objective leaves out."""
+    tokens = mov.convnext_tokens if which == "convnext" else mov.vit_tokens
+    dim = mov.convnext.cfg.dims[-1] if which == "convnext" else mov.vit.cfg.dim
+    sizes = (len(COLOURS), len(SHAPES), len(TEXTS), 4)
+    head = nn.Linear(dim, sum(sizes))
+    batches = view_stream(args.seed, args.vis_batch, canvas, grid)
+
+    def loss_at(step):
+        views, contents = next(batches)
+        f = tokens(views)[:, 1:]
+        col, shp, wrd, box = cell_labels(contents, int(round(f.shape[1] ** 0.5)))
+        pc, ps, pw, pb = head(f.flatten(0, 1)).split(sizes, dim=-1)
+        # Which word and where: only over the cells that show a thing (a word covers ~3% of the cells, so
+        # averaged over all of them its letters would hardly be trained).
+        on, word = shp > 0, wrd > 0
+        return (F.cross_entropy(pc, col) + F.cross_entropy(ps, shp) + F.cross_entropy(pw[word], wrd[word])
+                + 10 * F.l1_loss(pb[on], box[on]))
+    encoder = getattr(mov, which)
+    encoder.requires_grad_(True).train()
+    losses = optimise(f"dense {which}", list(encoder.parameters()) + list(head.parameters()), encoder_steps(args, which),
+                      args.vis_lr, loss_at, args.vis_batch, log, args.log_every, weight_decay=0.05)
     encoder.requires_grad_(False).eval()
     return losses
 
@@ -311,7 +355,7 @@ def train_vit(mov, args, canvas, grid, log, mask_ratio: float = 0.5) -> list[flo
         pred = head(mov.vit_tokens(views, mask)[:, 1:])
         return F.mse_loss(pred[mask], target[mask])
     mov.vit.requires_grad_(True).train()
-    losses = optimise("mim vit", list(mov.vit.parameters()) + list(head.parameters()), args.mim_steps, args.vis_lr,
+    losses = optimise("mim vit", list(mov.vit.parameters()) + list(head.parameters()), args.vit_steps, args.vis_lr,
                       loss_at, args.vis_batch, log, args.log_every, weight_decay=0.05)
     mov.vit.requires_grad_(False).eval()
     return losses
@@ -338,21 +382,25 @@ def standardise_outputs(mov, seed: int, canvas: int, grid: int, n_views: int = 2
 
 COLOURS = ("none",) + tuple(world.COLORS) + ("text",)
 SHAPES = ("none",) + world.SHAPES + ("word",)
+TEXTS = ("",) + world.WORDS
 
 
 def cell_labels(contents, g: int):
-    """Per grid cell of each view: colour id, shape id, and the box (view coordinates) of the thing
-    covering the cell centre (zeros where nothing does)."""
-    col, shp, box = [], [], []
+    """Per grid cell of each view: colour id, shape id, word id and the box (view coordinates) of the thing
+    covering the cell centre, or else of a thing whose centre lies in the cell (a thing smaller than a
+    cell covers no cell centre); zeros where there is none."""
+    col, shp, wrd, box = [], [], [], []
     for things in contents:
         for r in range(g):
             for c in range(g):
                 x, y = (c + 0.5) / g, (r + 0.5) / g
-                hit = next(((cl, sh, b) for cl, sh, b in things if b[0] <= x < b[2] and b[1] <= y < b[3]), None)
+                hit = next((t for t in things if t[2][0] <= x < t[2][2] and t[2][1] <= y < t[2][3]), None) or next(
+                    (t for t in things if int(g * (t[2][0] + t[2][2]) / 2) == c and int(g * (t[2][1] + t[2][3]) / 2) == r), None)
                 col.append(COLOURS.index(hit[0]) if hit else 0)
                 shp.append(SHAPES.index(hit[1]) if hit else 0)
+                wrd.append(TEXTS.index(hit[3]) if hit else 0)
                 box.append(hit[2] if hit else [0.0] * 4)
-    return torch.tensor(col), torch.tensor(shp), torch.tensor(box)
+    return torch.tensor(col), torch.tensor(shp), torch.tensor(wrd), torch.tensor(box)
 
 
 def ridge(xtr, ytr, xte, lam=1e-3):
@@ -376,7 +424,7 @@ def probe(mov, seed: int, canvas: int, grid: int, n_train: int = 1500, n_test: i
     fte = {k: f(vte).flatten(0, 1).double() for k, f in feats.items()}
     ftr["both"], fte["both"] = torch.cat(list(ftr.values()), 1), torch.cat(list(fte.values()), 1)
     g = int(round((ftr["vit"].shape[0] / len(vtr)) ** 0.5))
-    (ctr_c, ctr_s, ctr_b), (cte_c, cte_s, cte_b) = cell_labels(ctr, g), cell_labels(cte, g)
+    (ctr_c, ctr_s, _, ctr_b), (cte_c, cte_s, _, cte_b) = cell_labels(ctr, g), cell_labels(cte, g)
     # View coordinates -> canvas pixels: the global view spans the canvas, a sub-image 1/grid of it.
     px = torch.tensor([canvas if v % (1 + grid * grid) == 0 else canvas / grid for v in range(len(vte))])
     px = px.repeat_interleave(g * g)
@@ -416,21 +464,37 @@ def refusal(args, cfg) -> str | None:
     return None
 
 
+def train_encoder(mov, which: str, objective: str, tok, args, canvas, grid, log) -> list[float]:
+    if objective == "dense":
+        return train_dense(mov, which, args, canvas, grid, log)
+    if objective == "clip":
+        return train_contrastive(mov, which, tok, args, canvas, grid, log)
+    return train_vit(mov, args, canvas, grid, log)                       # "mim": the ViT only
+
+
 def vision_stages(args, cfg, tok, sphinx, log) -> dict:
-    """Stages 3-5: ConvNeXt CLIP-style, ViT masked-image, standardised outputs, probes before and after."""
+    """Stages 3-5: each encoder by its objective, standardised outputs, probes before and after."""
     before = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
     t = time.perf_counter()
-    clip_losses = train_contrastive(sphinx.mov, "convnext", tok, args, cfg.canvas, cfg.grid, log)
-    if args.vit_objective == "mim":
-        mim_losses = train_vit(sphinx.mov, args, cfg.canvas, cfg.grid, log)
-    else:
-        mim_losses = train_contrastive(sphinx.mov, "vit", tok, args, cfg.canvas, cfg.grid, log)
+    losses = {which: train_encoder(sphinx.mov, which, objective, tok, args, cfg.canvas, cfg.grid, log)[::10]
+              for which, objective in (("convnext", args.convnext_objective), ("vit", args.vit_objective))}
     standardise_outputs(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
     minutes = (time.perf_counter() - t) / 60
     after = probe(sphinx.mov, args.seed, cfg.canvas, cfg.grid)
     log("linear probes of the frozen encoders (held-out views):\n" + probe_table(before, after))
-    return {"minutes": minutes, "losses": {"clip": clip_losses[::10], "mim": mim_losses[::10]},
-            "probes": {"random": before, "pretrained": after}}
+    return {"minutes": minutes, "losses": losses, "probes": {"random": before, "pretrained": after}}
+
+
+def base_llm(path, cfg: model.ModelConfig) -> model.Transformer:
+    """The LLM of a base file alone (its encoders may have another shape than the ones being made)."""
+    llm = model.build(cfg)
+    result = llm.load_state_dict({k[4:]: v for k, v in safetensors.torch.load_file(path).items()
+                                  if k.startswith("llm.")}, strict=False)
+    tied = {"output.weight"} if cfg.tie_embeddings else set()    # stored once, as the embedding
+    if set(result.missing_keys) != tied or result.unexpected_keys:
+        raise ValueError(f"{path}: not an LLM of this size (missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys})")
+    return llm
 
 
 def tokenizer_for(args, cfg, out: Path, log) -> data.Tokenizer:
@@ -465,17 +529,19 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.reuse_vision:                    # the vision stages do not depend on the LLM: keep them
         sphinx, old = loading.load_base(args.reuse_vision, cfg), loading.base_summary(args.reuse_vision)
-        vision = {"minutes": old["minutes"]["vision"], "losses": {k: old["losses"][k] for k in ("clip", "mim")},
+        vision = {"minutes": old["minutes"]["vision"], "losses": {k: old["losses"][k] for k in ("convnext", "vit")},
                   "probes": old["probes"]}
     else:
         sphinx = model.build_sphinx(cfg)
         vision = vision_stages(args, cfg, tok, sphinx, log)
     if args.reuse_llm:
         old = loading.base_summary(args.reuse_llm)
-        sphinx.llm = loading.load_base(args.reuse_llm, cfg).llm
+        sphinx.llm = base_llm(args.reuse_llm, cfg.llm)
         llm_losses, t_llm, text_scores = old["losses"]["llm"], old["minutes"]["llm"] * 60, old["text_form_eval"]
     else:
-        sphinx.llm = model.build(cfg.llm) if args.reuse_vision else sphinx.llm
+        if args.reuse_vision:                # the LLM a full run starts from (its init ignores the encoders)
+            torch.manual_seed(args.seed)
+            sphinx.llm = model.build_sphinx(cfg).llm
         t = time.perf_counter()
         llm_losses = train_llm(sphinx.llm, tok, args, cfg.canvas, autocast, log)[::50]
         t_llm = time.perf_counter() - t
@@ -483,7 +549,7 @@ def main(argv=None):
     log("LLM base, held-out questions with the scene given as text: " +
         ", ".join(f"{k} {v:.0%}" for k, v in text_scores.items()))
     recipe = {k: getattr(args, k) for k in RECIPE} | {k: getattr(args, k) for k in (
-        "vit_objective", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every")}
+        "convnext_objective", "vit_objective", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every")}
     summary = {"recipe": recipe, "autocast_bf16": autocast,
                "minutes": {"vision": vision["minutes"], "llm": t_llm / 60,
                            "total": vision["minutes"] + t_llm / 60 + (time.perf_counter() - t_all - t_llm) / 60},

@@ -1,4 +1,5 @@
 """pretrain.py: the text form, view contents and captions, each objective learns, probes, the shipped base."""
+import dataclasses
 from argparse import Namespace
 
 import pytest
@@ -9,6 +10,7 @@ import loading as L
 import model as M
 from tools import pretrain as P
 import train as T
+import vision as V
 import world as W
 from checkpoint import CheckpointError
 from tiling import tile
@@ -44,7 +46,8 @@ def test_view_contents_map_canvas_boxes_into_each_view():
     s = _scene_sample("caption", seed=4)
     contents = P.view_contents(s, 128, 2)
     assert len(contents) == 5 and len(contents[0]) == len(s.truth["objects"]) + 1
-    for colour, shape, b in contents[0]:
+    assert ("text", "word", s.truth["word"]["text"]) in [(c, sh, t) for c, sh, _, t in contents[0]]
+    for colour, shape, b, _ in contents[0]:
         cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
         v = 1 + 2 * int(cy * 2) + int(cx * 2)                 # the sub-image holding this centre
         match = [x for x in contents[v] if x[:2] == (colour, shape)]
@@ -52,7 +55,7 @@ def test_view_contents_map_canvas_boxes_into_each_view():
         sub = match[0][2]
         assert sub[0] == pytest.approx(b[0] * 2 - int(cx * 2)) and sub[3] == pytest.approx(b[3] * 2 - int(cy * 2))
     assert P.caption([]) == "nothing"
-    assert P.caption([("red", "circle", [0.0, 0.0, 0.2, 0.2]), ("text", "word", [0.7, 0.7, 0.9, 0.9])]) == \
+    assert P.caption([("red", "circle", [0.0, 0.0, 0.2, 0.2], ""), ("text", "word", [0.7, 0.7, 0.9, 0.9], "CAT")]) == \
         "red circle top left, the word bottom right"
 
 
@@ -83,13 +86,25 @@ def test_clip_and_masked_image_objectives_learn(tok):
     torch.manual_seed(0)
     mov = M.build_sphinx(M.sphinx_config("tiny")).mov
     before = {n: p.clone() for n, p in mov.named_parameters()}
-    args = Namespace(clip_steps=20, mim_steps=20, vis_batch=32, vis_lr=2e-3, seed=0, log_every=100)
+    args = Namespace(convnext_steps=20, vit_steps=20, vis_batch=32, vis_lr=2e-3, seed=0, log_every=100)
     assert _falls(P.train_contrastive(mov, "convnext", tok, args, 128, 2, lambda *a: None))
     assert _falls(P.train_vit(mov, args, 128, 2, lambda *a: None))
     assert all(not p.requires_grad for p in mov.convnext.parameters()) and not mov.vit.training
     same = [n for n, p in mov.named_parameters() if torch.equal(before[n], p)]
     assert same == ["proj.0.weight", "proj.0.bias", "proj.1.weight", "proj.1.bias"]   # the encoders all trained
     assert _falls(P.train_contrastive(mov, "vit", tok, args, 128, 2, lambda *a: None), k=3)   # --vit-objective clip
+
+
+def test_dense_objective_learns_what_each_cell_shows():
+    torch.manual_seed(0)
+    mov = M.build_sphinx(M.sphinx_config("tiny")).mov
+    args = Namespace(convnext_steps=30, vit_steps=30, vis_batch=32, vis_lr=2e-3, seed=0, log_every=100)
+    for which in ("convnext", "vit"):
+        before = {n: p.clone() for n, p in getattr(mov, which).named_parameters()}
+        assert _falls(P.train_dense(mov, which, args, 128, 2, lambda *a: None))
+        same = [n for n, p in getattr(mov, which).named_parameters() if torch.equal(before[n], p)]
+        assert same == ([] if which == "convnext" else ["mask_token"])     # only masked-image training uses it
+        assert not any(p.requires_grad for p in getattr(mov, which).parameters())
 
 
 def test_standardised_outputs_are_the_old_features_standardised_per_channel():
@@ -128,9 +143,14 @@ def test_linear_probe_reads_labels_planted_in_features():
     noise = torch.randn(600, 12).double()
     pred = P.ridge(noise[:400], torch.nn.functional.one_hot(labels[:400], 8).double(), noise[400:]).argmax(1)
     assert (pred == labels[400:]).double().mean() < 0.3
-    col, shp, box = P.cell_labels([[("red", "circle", [0.0, 0.0, 0.3, 0.3])]], 4)
+    col, shp, wrd, box = P.cell_labels([[("red", "circle", [0.0, 0.0, 0.3, 0.3], "")]], 4)
     assert col.tolist()[:2] == [P.COLOURS.index("red"), 0] and shp[0] == P.SHAPES.index("circle")
-    assert box[0].tolist() == pytest.approx([0.0, 0.0, 0.3, 0.3]) and box[1].abs().sum() == 0
+    assert box[0].tolist() == pytest.approx([0.0, 0.0, 0.3, 0.3]) and box[1].abs().sum() == 0 and wrd.sum() == 0
+    # A thing smaller than a cell covers no cell centre: the cell holding its centre names it.
+    col, shp, wrd, box = P.cell_labels([[("text", "word", [0.55, 0.30, 0.70, 0.45], "KEY")]], 4)
+    assert torch.nonzero(shp).flatten().tolist() == [1 * 4 + 2]
+    assert wrd[6] == P.TEXTS.index("KEY") and col[6] == P.COLOURS.index("text")
+    assert box[6].tolist() == pytest.approx([0.55, 0.30, 0.70, 0.45])
 
 
 # ----------------------------------------------------------------------------- the shipped base
@@ -178,6 +198,23 @@ def test_base_refuses_a_mismatched_config_or_a_non_base_file(base_path, tmp_path
     L.save_sphinx(tmp_path / "full.safetensors", M.build_sphinx(M.sphinx_config("tiny")))
     with pytest.raises(CheckpointError, match="not a sphinx-x base"):
         L.load_base(tmp_path / "full.safetensors", M.sphinx_config("tiny"))
+
+
+def test_the_llm_alone_loads_from_a_base_and_its_init_ignores_the_encoders(base_path):
+    cfg = M.sphinx_config("tiny")
+    llm = P.base_llm(base_path, cfg.llm)
+    whole = L.load_base(base_path, cfg).llm
+    assert all(torch.equal(a, b) for a, b in zip(llm.state_dict().values(), whole.state_dict().values()))
+    with pytest.raises(ValueError, match="not an LLM of this size"):
+        P.base_llm(base_path, M.llm_config("tiny", n_layers=2))
+    # --reuse-llm and --reuse-vision rest on this: a full run's LLM starts the same whatever the encoders.
+    other = dataclasses.replace(cfg, convnext=V.ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64),
+                                                                input_size=128))
+    torch.manual_seed(3)
+    a = M.build_sphinx(cfg).llm
+    torch.manual_seed(3)
+    b = M.build_sphinx(other).llm
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
 def test_an_existing_base_is_never_overwritten_without_the_flag(tmp_path, capsys):
