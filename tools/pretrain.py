@@ -209,6 +209,31 @@ def view_contents(sample: data.Sample, canvas: int, grid: int):
     return out
 
 
+COLOURS = ("none",) + tuple(world.COLORS) + ("text",)
+SHAPES = ("none",) + world.SHAPES + ("word",)
+TEXTS = ("",) + world.WORDS
+
+
+def cell_labels(contents, g: int):
+    """Per grid cell of each view: colour id, shape id, word id and the box (view coordinates) of the thing
+    covering the cell centre, or else of a thing whose centre lies in the cell (a thing smaller than a
+    cell covers no cell centre); zeros where there is none."""
+    col, shp, wrd, box = [], [], [], []
+    centre_cell = lambda b: (int(g * (b[0] + b[2]) / 2), int(g * (b[1] + b[3]) / 2))
+    for things in contents:
+        for r in range(g):
+            for c in range(g):
+                x, y = (c + 0.5) / g, (r + 0.5) / g
+                covers = [t for t in things if t[2][0] <= x < t[2][2] and t[2][1] <= y < t[2][3]]
+                centred = [t for t in things if centre_cell(t[2]) == (c, r)]
+                hit = (covers + centred + [None])[0]
+                col.append(COLOURS.index(hit[0]) if hit else 0)
+                shp.append(SHAPES.index(hit[1]) if hit else 0)
+                wrd.append(TEXTS.index(hit[3]) if hit else 0)
+                box.append(hit[2] if hit else [0.0] * 4)
+    return torch.tensor(col), torch.tensor(shp), torch.tensor(wrd), torch.tensor(box)
+
+
 PLACES = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
 
 
@@ -298,8 +323,8 @@ def train_contrastive(mov, which: str, tok, args, canvas, grid, log) -> list[flo
         return clip_loss(head(pooled(views)), text(ids, lengths), log_scale.exp().clamp(max=100), same)
     encoder.requires_grad_(True).train()
     params = list(encoder.parameters()) + list(text.parameters()) + list(head.parameters()) + [log_scale]
-    losses = optimise(f"clip {which}", params, encoder_steps(args, which), args.vis_lr, loss_at, args.vis_batch, log,
-                      args.log_every, weight_decay=0.05)
+    losses = optimise(f"clip {which}", params, encoder_steps(args, which), args.vis_lr, loss_at, args.vis_batch,
+                      log, args.log_every, weight_decay=0.05)
     encoder.requires_grad_(False).eval()
     return losses
 
@@ -327,13 +352,14 @@ def train_dense(mov, which: str, args, canvas, grid, log) -> list[float]:
                 + 10 * F.l1_loss(pb[on], box[on]))
     encoder = getattr(mov, which)
     encoder.requires_grad_(True).train()
-    losses = optimise(f"dense {which}", list(encoder.parameters()) + list(head.parameters()), encoder_steps(args, which),
-                      args.vis_lr, loss_at, args.vis_batch, log, args.log_every, weight_decay=0.05)
+    losses = optimise(f"dense {which}", list(encoder.parameters()) + list(head.parameters()),
+                      encoder_steps(args, which), args.vis_lr, loss_at, args.vis_batch, log, args.log_every,
+                      weight_decay=0.05)
     encoder.requires_grad_(False).eval()
     return losses
 
 
-# ----------------------------------------------------------------------------- 4: masked-image ViT
+# ----------------------------------------------------------------------------- 4: masked-image ViT (--vit-objective mim)
 
 def patches(views, p: int):
     """(N, 3, S, S) -> (N, (S/p)^2, 3 p p), row-major like the ViT's tokens."""
@@ -379,29 +405,6 @@ def standardise_outputs(mov, seed: int, canvas: int, grid: int, n_views: int = 2
 
 
 # ----------------------------------------------------------------------------- 5: linear probes
-
-COLOURS = ("none",) + tuple(world.COLORS) + ("text",)
-SHAPES = ("none",) + world.SHAPES + ("word",)
-TEXTS = ("",) + world.WORDS
-
-
-def cell_labels(contents, g: int):
-    """Per grid cell of each view: colour id, shape id, word id and the box (view coordinates) of the thing
-    covering the cell centre, or else of a thing whose centre lies in the cell (a thing smaller than a
-    cell covers no cell centre); zeros where there is none."""
-    col, shp, wrd, box = [], [], [], []
-    for things in contents:
-        for r in range(g):
-            for c in range(g):
-                x, y = (c + 0.5) / g, (r + 0.5) / g
-                hit = next((t for t in things if t[2][0] <= x < t[2][2] and t[2][1] <= y < t[2][3]), None) or next(
-                    (t for t in things if int(g * (t[2][0] + t[2][2]) / 2) == c and int(g * (t[2][1] + t[2][3]) / 2) == r), None)
-                col.append(COLOURS.index(hit[0]) if hit else 0)
-                shp.append(SHAPES.index(hit[1]) if hit else 0)
-                wrd.append(TEXTS.index(hit[3]) if hit else 0)
-                box.append(hit[2] if hit else [0.0] * 4)
-    return torch.tensor(col), torch.tensor(shp), torch.tensor(wrd), torch.tensor(box)
-
 
 def ridge(xtr, ytr, xte, lam=1e-3):
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
