@@ -57,6 +57,9 @@ from tiling import photo_to_canvas, tile
 
 RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, convnext_steps=800, vit_steps=800, vis_batch=128,
               vis_lr=2e-3, seed=1000)
+# Which recipe entries make which part (a reused part keeps its own in the new base's summary).
+VISION_KEYS = ("convnext_steps", "vit_steps", "vis_batch", "vis_lr", "convnext_objective", "vit_objective")
+LLM_KEYS = ("llm_steps", "llm_batch", "llm_lr", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every")
 WARMUP = 0.02          # linear warm-up over the first 2% of each stage's steps, then cosine to 0
 
 
@@ -277,6 +280,13 @@ def encoder_steps(args, which: str) -> int:
     return args.convnext_steps if which == "convnext" else args.vit_steps
 
 
+def encoder_tokens(mov, which: str):
+    """(tokens(views) -> (N, 1 + g*g, dim), dim) of one encoder ('convnext' or 'vit') as the MoV reads it."""
+    if which == "convnext":
+        return mov.convnext_tokens, mov.convnext.cfg.dims[-1]
+    return mov.vit_tokens, mov.vit.cfg.dim
+
+
 class TextTower(nn.Module):
     """A small causal text encoder (as CLIP's): the last token's state, projected."""
 
@@ -306,10 +316,9 @@ def clip_loss(img, txt, scale, same):
 def train_contrastive(mov, which: str, tok, args, canvas, grid, log) -> list[float]:
     """CLIP-style training of one encoder ('convnext' or 'vit'); its pooled token (the ConvNeXt's grid
     mean, the ViT's cls) is the image embedding."""
-    encoder = getattr(mov, which)
-    pooled = (lambda v: mov.convnext_tokens(v)[:, 0]) if which == "convnext" else (lambda v: mov.vit_tokens(v)[:, 0])
+    encoder, (tokens, dim) = getattr(mov, which), encoder_tokens(mov, which)
     text = TextTower(tok.vocab_size)
-    head = nn.Linear(mov.convnext.cfg.dims[-1] if which == "convnext" else mov.vit.cfg.dim, 128, bias=False)
+    head = nn.Linear(dim, 128, bias=False)
     log_scale = nn.Parameter(torch.tensor(2.66))           # CLIP's init: 1/0.07
     batches = view_stream(args.seed, args.vis_batch, canvas, grid)
 
@@ -320,7 +329,7 @@ def train_contrastive(mov, which: str, tok, args, canvas, grid, log) -> list[flo
         lengths = torch.tensor([len(i) for i in ids])
         ids = torch.tensor([i + [tok.eos_id] * (int(lengths.max()) - len(i)) for i in ids])
         same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
-        return clip_loss(head(pooled(views)), text(ids, lengths), log_scale.exp().clamp(max=100), same)
+        return clip_loss(head(tokens(views)[:, 0]), text(ids, lengths), log_scale.exp().clamp(max=100), same)
     encoder.requires_grad_(True).train()
     params = list(encoder.parameters()) + list(text.parameters()) + list(head.parameters()) + [log_scale]
     losses = optimise(f"clip {which}", params, encoder_steps(args, which), args.vis_lr, loss_at, args.vis_batch,
@@ -334,8 +343,7 @@ def train_dense(mov, which: str, args, canvas, grid, log) -> list[float]:
     heads on every grid cell's token name what covers the cell (colour, shape, which word) and regress
     its box. The heads are thrown away; what stays is a token that carries, linearly, the shape, the
     letters and the exact place of what it sees, which a caption-level objective leaves out."""
-    tokens = mov.convnext_tokens if which == "convnext" else mov.vit_tokens
-    dim = mov.convnext.cfg.dims[-1] if which == "convnext" else mov.vit.cfg.dim
+    tokens, dim = encoder_tokens(mov, which)
     sizes = (len(COLOURS), len(SHAPES), len(TEXTS), 4)
     head = nn.Linear(dim, sum(sizes))
     batches = view_stream(args.seed, args.vis_batch, canvas, grid)
@@ -532,8 +540,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.reuse_vision:                    # the vision stages do not depend on the LLM: keep them
         sphinx, old = loading.load_base(args.reuse_vision, cfg), loading.base_summary(args.reuse_vision)
-        vision = {"minutes": old["minutes"]["vision"], "losses": {k: old["losses"][k] for k in ("convnext", "vit")},
-                  "probes": old["probes"]}
+        vision = {"minutes": old["minutes"]["vision"], "probes": old["probes"],
+                  "losses": {k: v for k, v in old["losses"].items() if k != "llm"}}
     else:
         sphinx = model.build_sphinx(cfg)
         vision = vision_stages(args, cfg, tok, sphinx, log)
@@ -553,6 +561,10 @@ def main(argv=None):
         ", ".join(f"{k} {v:.0%}" for k, v in text_scores.items()))
     recipe = {k: getattr(args, k) for k in RECIPE} | {k: getattr(args, k) for k in (
         "convnext_objective", "vit_objective", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every")}
+    for reused, keys in ((args.reuse_vision, VISION_KEYS), (args.reuse_llm, LLM_KEYS)):
+        if reused:                           # a reused part is described by the recipe that made it
+            made_by = loading.base_summary(reused)["recipe"]
+            recipe |= {k: made_by[k] for k in keys if k in made_by}
     summary = {"recipe": recipe, "autocast_bf16": autocast,
                "minutes": {"vision": vision["minutes"], "llm": t_llm / 60,
                            "total": vision["minutes"] + t_llm / 60 + (time.perf_counter() - t_all - t_llm) / 60},

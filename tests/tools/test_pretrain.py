@@ -217,6 +217,21 @@ def test_the_llm_alone_loads_from_a_base_and_its_init_ignores_the_encoders(base_
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
+def test_a_base_from_reused_parts_records_the_recipes_that_made_them(base_path, tmp_path):
+    shipped = L.base_summary(base_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer.json").write_bytes((base_path.parent / "tokenizer.json").read_bytes())
+    made_by = shipped["recipe"] | {"llm_steps": 1500, "llm_loss": "answers", "convnext_steps": 5}
+    parts = L.load_base(base_path, M.sphinx_config("tiny"))
+    L.save_base(other / "tiny.safetensors", parts, shipped | {"recipe": made_by})
+    P.main(["--reuse-vision", str(base_path), "--reuse-llm", str(other / "tiny.safetensors"),
+            "--out", str(tmp_path / "new"), "--llm-steps", "7"])
+    recipe = L.base_summary(tmp_path / "new" / "tiny.safetensors")["recipe"]
+    assert (recipe["llm_steps"], recipe["llm_loss"]) == (1500, "answers")         # the LLM's, not the flags'
+    assert recipe["convnext_steps"] == shipped["recipe"]["convnext_steps"]          # the encoders' base's
+
+
 def test_an_existing_base_is_never_overwritten_without_the_flag(tmp_path, capsys):
     (tmp_path / "tiny.safetensors").write_bytes(b"an hour of work")
     with pytest.raises(SystemExit) as e:

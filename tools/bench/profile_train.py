@@ -12,30 +12,37 @@ from common import machine
 
 import torch
 from torch.profiler import profile, ProfilerActivity
-import train as T, model as M, data as D, world as W, loading
+import data
+import model
+import train
+import world
 from parallel import Mesh
 from zero import ZeRO2
-args = T.parse_args(["--size", "tiny", "--out", tempfile.mkdtemp(), "--dtype", "bf16"])
+args = train.parse_args(["--size", "tiny", "--out", tempfile.mkdtemp(), "--dtype", "bf16"])
 mesh = Mesh(0, 1, 0, 1, 0, 1)
-cfg = M.sphinx_config("tiny")
-tok = D.Tokenizer(T.DEFAULT_BASE.parent / "tokenizer.json")
-model = T.build_model(args, mesh, cfg, "bf16")
-opt = ZeRO2([(n, p) for n, p in model.named_parameters() if p.requires_grad], mesh, 1e-3)
-src = D.SampleSource([{"path": "synthetic", "ratio": 1}], 0, cfg.canvas, synthetic=W.synthetic_sample)
-batcher = D.Batcher(src, tok, model.layout, 320, 16, rank=0, world=1)
+cfg = model.sphinx_config("tiny")
+tok = data.Tokenizer(train.DEFAULT_BASE.parent / "tokenizer.json")
+sphinx = train.build_model(args, mesh, cfg, "bf16")
+opt = ZeRO2([(n, p) for n, p in sphinx.named_parameters() if p.requires_grad], mesh, 1e-3)
+src = data.SampleSource([{"path": "synthetic", "ratio": 1}], 0, cfg.canvas, synthetic=world.synthetic_sample)
+batcher = data.Batcher(src, tok, sphinx.layout, 320, 16, rank=0, world=1)
 micro = [batcher.next_micro(2) for _ in range(12)]
 for m in micro[:3]:
-    T.train_step(model, opt, m, mesh, 1e-4, args, 0.0)
+    train.train_step(sphinx, opt, m, mesh, 1e-4, args, 0.0)
 t = time.perf_counter()
 for m in micro[3:8]:
-    T.train_step(model, opt, m, mesh, 1e-4, args, 0.0)
+    train.train_step(sphinx, opt, m, mesh, 1e-4, args, 0.0)
 dt = (time.perf_counter() - t) / 5
 toks = sum(b["n_tokens"] for m in micro[3:8] for b in m) / 5
-fpt = T.flops_per_token(model, opt, micro[8][0])
+fpt = train.flops_per_token(sphinx, opt, micro[8][0])
 print(machine())
-print(f"step {dt*1000:.0f} ms, {toks:.0f} positions/step, {fpt/1e6:.1f} MFLOP/position -> {fpt*toks/dt/1e9:.0f} GFLOP/s")
+print(f"step {dt * 1000:.0f} ms, {toks:.0f} positions/step, {fpt / 1e6:.1f} MFLOP/position "
+      f"-> {fpt * toks / dt / 1e9:.0f} GFLOP/s")
 with profile(activities=[ProfilerActivity.CPU]) as prof:
     for m in micro[9:12]:
-        T.train_step(model, opt, m, mesh, 1e-4, args, 0.0)
+        train.train_step(sphinx, opt, m, mesh, 1e-4, args, 0.0)
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22))
-t = time.perf_counter(); data_t = [batcher.next_micro(2) for _ in range(5)]; print(f"data: {(time.perf_counter()-t)/5*1000:.0f} ms per global batch")
+t = time.perf_counter()
+for _ in range(5):
+    batcher.next_micro(2)
+print(f"data: {(time.perf_counter() - t) / 5 * 1000:.0f} ms per global batch")
