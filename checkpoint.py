@@ -87,6 +87,26 @@ def retie(model: nn.Module, pairs):
         setattr(model.get_submodule(owner), attr, model.get_parameter(src))
 
 
+def _cut_to(shard, name: str, t: torch.Tensor, want, is_expert: bool) -> torch.Tensor:
+    """A full tensor cut to this TP rank's part when that gives the wanted shape; else as it is (reported)."""
+    if tuple(t.shape) == tuple(want):
+        return t
+    try:
+        cut = shard(name, t, is_expert)
+    except ValueError:                                    # does not split: reported by the caller as it is
+        return t
+    return cut if tuple(cut.shape) == tuple(want) else t
+
+
+def misfit(where: str, missing, unexpected, misshaped) -> CheckpointError:
+    """Every problem of a load, at most 20 names per kind."""
+    parts = [f"{where} does not fit the model:"]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if items:
+            parts.append(f"  {label} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+    return CheckpointError("\n".join(parts))
+
+
 def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None, dtype=torch.float32,
                       device="cpu", where: str = "checkpoint", shard=None):
     """Load (name, tensor) pairs into a model built on the meta device, checking every key and shape.
@@ -115,12 +135,8 @@ def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None,
                 continue
             shape = expected[name]
             want = shape[1:] if slot is not None else shape
-            if shard is not None and tuple(t.shape) != tuple(want):
-                try:
-                    cut = shard(name, t, slot is not None)
-                except ValueError:                        # does not split: reported below as it is
-                    cut = t
-                t = cut if tuple(cut.shape) == tuple(want) else t
+            if shard is not None:
+                t = _cut_to(shard, name, t, want, slot is not None)
             if slot is not None and not 0 <= slot < shape[0]:
                 misshaped.append(f"{src}: expert {slot} but the model has {shape[0]}")
             elif tuple(t.shape) != tuple(want):
@@ -139,11 +155,7 @@ def load_state_strict(model: nn.Module, named_tensors, rename=None, expand=None,
             misshaped.append(f"{name}: experts {missing_slots} missing")
     missing = sorted(set(expected) - set(state) - bad_shape)
     if missing or unexpected or misshaped:
-        parts = [f"{where} does not fit the model:"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
-            if items:
-                parts.append(f"  {label} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise CheckpointError("\n".join(parts))
+        raise misfit(where, missing, unexpected, misshaped)
     ties = tie_pairs(model)
     for n, src in ties:
         state[n] = state.get(src)

@@ -106,13 +106,44 @@ def load_sphinx(path, device="cpu", dtype=torch.float32, tp_group=None, verify=T
 
 
 BASE_PARTS = ("llm.", "mov.convnext.", "mov.vit.")
+IMAGE_PARTS = ("mov.proj.", "begin_of_image", "end_of_image", "skip_token")    # fitted by the scene-token stage
+SCENE_PREFIX = "scene_tokens."     # the scene stage's own projector: pretrain.py refits the real one from it
 
 
-def save_base(path, model: Sphinx, summary: dict):
-    """The pretrained parts of a CPU size (pretrain.py): LLM and both encoders, no projector or tags."""
-    state = {k: v for k, v in unique_state_dict(model).items() if k.startswith(BASE_PARTS)}
+def save_base(path, model: Sphinx, summary: dict, scene_proj: nn.Module | None = None):
+    """The pretrained parts of a CPU size (pretrain.py): LLM and both encoders; with a scene-token stage
+    (scene_proj given) also the projector fitted to it, the image tags and the skip token."""
+    parts = BASE_PARTS + (IMAGE_PARTS if scene_proj is not None else ())
+    state = {k: v for k, v in unique_state_dict(model).items() if k.startswith(parts)}
+    if scene_proj is not None:
+        state |= {SCENE_PREFIX + "proj." + k: v for k, v in scene_proj.state_dict().items()}
     save_safetensors_atomic(path, state, {"format": "sphinx-x-base", "config": json.dumps(asdict(model.cfg)),
                                           "summary": json.dumps(summary)})
+
+
+def _has_tensor(path, name: str) -> bool:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as sf:
+        return name in sf.keys()
+
+
+def base_has_projector(path) -> bool:
+    return _has_tensor(path, "mov.proj.0.weight")
+
+
+def has_scene_tokens(path) -> bool:
+    """The base's LLM went through pretrain.py's scene-token stage (its projector is stored)."""
+    return _has_tensor(path, SCENE_PREFIX + "proj.0.weight")
+
+
+def load_scene_parts(path, scene: Sphinx):
+    """The scene-token stage's projector, image tags and skip token of a base into `scene` (pretrain.py)."""
+    want = {SCENE_PREFIX + "proj." + k: "mov.proj." + k for k in scene.mov.proj.state_dict()}
+    want |= {n: n for n in ("begin_of_image", "end_of_image", "skip_token")}
+    found = {want[n]: t for n, t in iter_safetensors([path]) if n in want}
+    if len(found) != len(want):
+        raise CheckpointError(f"{path}: no scene-token stage in this base (missing {sorted(set(want.values()) - set(found))})")
+    scene.load_state_dict(found, strict=False)
 
 
 def upcycle(name: str, t: torch.Tensor, cfg: ModelConfig):
@@ -124,8 +155,9 @@ def upcycle(name: str, t: torch.Tensor, cfg: ModelConfig):
 
 
 def load_base(path, cfg: SphinxConfig, device="cpu", dtype=torch.float32) -> Sphinx:
-    """A fresh Sphinx (projector, image tags and skip token newly initialised, as the paper's one-stage
-    tuning starts) whose LLM and encoders come from a base file. A dense base fills a MoE LLM by upcycling."""
+    """A Sphinx whose LLM and encoders come from a base file; the projector, image tags and skip token too
+    when the base has them (fitted by its scene-token stage), else fresh, as the paper's one-stage tuning
+    starts. A dense base fills a MoE LLM by upcycling."""
     meta = read_safetensors_metadata(path)
     if meta.get("format") != "sphinx-x-base":
         raise CheckpointError(f"{path}: not a sphinx-x base (format {meta.get('format')!r}); make one with pretrain.py")
@@ -135,10 +167,12 @@ def load_base(path, cfg: SphinxConfig, device="cpu", dtype=torch.float32) -> Sph
     if (base.llm, base.convnext, base.vit) != (want.llm, want.convnext, want.vit):
         raise CheckpointError(f"{path}: its LLM/encoder config differs from the model's:\n  base  {base}\n  model {cfg}")
     model = build_sphinx(cfg, device, dtype)
-    parts = nn.ModuleDict({"llm": model.llm, "mov": nn.ModuleDict({"convnext": model.mov.convnext, "vit": model.mov.vit})})
+    parts = model if base_has_projector(path) else \
+        nn.ModuleDict({"llm": model.llm, "mov": nn.ModuleDict({"convnext": model.mov.convnext, "vit": model.mov.vit})})
     expand = (lambda n, t: upcycle(n, t, cfg.llm)) if cfg.llm.n_experts else None
     fresh_routers = [(n, t.detach().clone()) for n, t in parts.state_dict().items() if n.endswith(".gate.weight")]
-    load_state_strict(parts, itertools.chain(iter_safetensors([path]), fresh_routers), expand=expand,
+    tensors = ((n, t) for n, t in iter_safetensors([path]) if not n.startswith(SCENE_PREFIX))
+    load_state_strict(parts, itertools.chain(tensors, fresh_routers), expand=expand,
                       dtype=dtype, device=device, where=str(path))
     model.mov.freeze_encoders()
     return model

@@ -1,6 +1,6 @@
 """The tiny base: pretrained parts for the CPU sizes, made the way the paper's parts were made.
 
-    python -m tools.pretrain            # -> base/tiny.safetensors + base/tokenizer.json (~1 h on 2 cores)
+    python -m tools.pretrain            # -> base/tiny.safetensors + base/tokenizer.json (~2 h on 2 cores)
     python -m tools.pretrain --reuse-llm base/tiny.safetensors --out base-new   # redo only the encoders
     python -m tools.pretrain --reuse-vision base/tiny.safetensors --llm-loss answers --tasks-per-image 3 \
         --induction-warmup 150 --induction-every 4 --llm-steps 1500 --out base2   # an LLM that copies (docs/results.md)
@@ -29,10 +29,18 @@ priors, so the CPU sizes get a base made by this script, one stage per part:
      Then each encoder's output channels are standardised (folded into its final LayerNorm).
   5. probes     linear probes of the frozen features (colour, shape and box of what each grid cell
                 shows), random init vs pretrained, printed and stored in the file's metadata.
+  6. scene tokens  the LLM learns the tasks with each scene given as what the dense objective asks the
+                encoders for: per grid cell of every view, the colour, shape, word and box of what
+                covers it, in the image block's place and layout (tools/scene_tokens.py). The tuning
+                learns no faster from such perfect tokens than from the encoders' (docs/results.md): the
+                samples a task needs are the LLM's, and here it spends them without pixels.
+  7. projector  fitted by least squares so the encoders' tokens land where the scene tokens are; the
+                base ships it with the image tags and the skip token, and the tuning starts from them.
 The encoders' stages do not depend on the LLM, and the LLM's initialisation does not depend on the
-encoders' shapes, so `--reuse-llm` or `--reuse-vision` give what a full run gives.
+encoders' shapes, so `--reuse-llm` or `--reuse-vision` give what a full run gives (a reused LLM keeps its
+scene-token stage when it had one; the projector is always refitted).
 
-Stages 1-2 read only the training split of the synthetic world (world.py keeps held-out scenes out of it).
+Every stage reads only the training split of the synthetic world (world.py keeps held-out scenes out of it).
 """
 from __future__ import annotations
 
@@ -53,13 +61,19 @@ import model
 import train
 import world
 from parallel import Mesh
-from tiling import photo_to_canvas, tile
+from tiling import tile
+from tools.scene_tokens import (COLOURS, SHAPES, TEXTS, cell_attributes, cell_labels, encode_scene,
+                                 eval_scene_form, fit_projector, scene_grid, scene_model, view_contents)
 
-RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, convnext_steps=800, vit_steps=800, vis_batch=128,
-              vis_lr=2e-3, seed=1000)
+RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, scene_batch=16, scene_lr=1e-3,
+              convnext_steps=800, vit_steps=800, vis_batch=128, vis_lr=2e-3, seed=1000)
 # Which recipe entries make which part (a reused part keeps its own in the new base's summary).
 VISION_KEYS = ("convnext_steps", "vit_steps", "vis_batch", "vis_lr", "convnext_objective", "vit_objective")
 LLM_KEYS = ("llm_steps", "llm_batch", "llm_lr", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every")
+SCENE_KEYS = ("scene_steps", "scene_batch", "scene_lr")
+SCENE_FRESH_LR = 10    # the scene projector, image tags and skip token learn 10x faster (the tuning's projector lr)
+SCENE_START = 2_000_000    # the scene stage's samples: past the LLM stage's
+FIT_VIEWS = 4096           # views the projector is fitted on
 WARMUP = 0.02          # linear warm-up over the first 2% of each stage's steps, then cosine to 0
 
 
@@ -76,6 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--vit-objective", choices=("mim", "clip", "dense"), default="dense",
                    help="ViT: masked-image modelling (DINOv2-like), contrastive or dense like the ConvNeXt")
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--eval-per-task", type=int, default=40, help="held-out questions per task for the base's evaluations")
     p.add_argument("--overwrite", action="store_true", help="replace an existing base in --out")
     p.add_argument("--llm-loss", choices=("answers", "all"), default="all",
                    help="LLM stage: loss on the answers only, or on every token (scene coordinates included)")
@@ -95,11 +110,13 @@ def optimise(name: str, params, steps: int, lr: float, loss_at, batch: int, log,
              betas=(0.9, 0.999), weight_decay=0.0, clip=None) -> list[float]:
     """The loop every stage shares: AdamW, warm-up then cosine, loss_at(step) -> loss, a progress line."""
     params = list(params)
-    opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    groups = params if isinstance(params[0], dict) else [{"params": params}]      # a group may carry an lr_scale
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    params = [p for g in opt.param_groups for p in g["params"]]
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = train.lr_at(step, steps, lr, WARMUP)
+            g["lr"] = train.lr_at(step, steps, lr, WARMUP) * g.get("lr_scale", 1.0)
         loss = loss_at(step)
         loss.backward()
         if clip:
@@ -190,52 +207,6 @@ def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20, log=pri
 
 
 # ----------------------------------------------------------------------------- views and their contents
-
-def view_contents(sample: data.Sample, canvas: int, grid: int):
-    """Per encoded view: [(colour or 'text', shape or 'word', box in view coordinates, the word or '')],
-    things whose centre lies in the view. View 0 is the whole canvas, then the sub-images row-major
-    (tiling.py)."""
-    t = sample.truth
-    things = [(o["color"], o["shape"], o["box"], "") for o in t["objects"]]
-    if t["word"]:
-        things.append(("text", "word", t["word"]["box"], t["word"]["text"]))
-    out = []
-    for v in range(1 + grid * grid):
-        scale, (ox, oy) = (1, (0, 0)) if v == 0 else (grid, ((v - 1) % grid, (v - 1) // grid))
-        inside = []
-        for colour, shape, box, text in things:
-            b = [c * scale - (ox if i % 2 == 0 else oy) for i, c in enumerate(photo_to_canvas(box, sample.image.size, canvas))]
-            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
-            if 0 <= cx < 1 and 0 <= cy < 1:
-                inside.append((colour, shape, b, text))
-        out.append(inside)
-    return out
-
-
-COLOURS = ("none",) + tuple(world.COLORS) + ("text",)
-SHAPES = ("none",) + world.SHAPES + ("word",)
-TEXTS = ("",) + world.WORDS
-
-
-def cell_labels(contents, g: int):
-    """Per grid cell of each view: colour id, shape id, word id and the box (view coordinates) of the thing
-    covering the cell centre, or else of a thing whose centre lies in the cell (a thing smaller than a
-    cell covers no cell centre); zeros where there is none."""
-    col, shp, wrd, box = [], [], [], []
-    centre_cell = lambda b: (int(g * (b[0] + b[2]) / 2), int(g * (b[1] + b[3]) / 2))
-    for things in contents:
-        for r in range(g):
-            for c in range(g):
-                x, y = (c + 0.5) / g, (r + 0.5) / g
-                covers = [t for t in things if t[2][0] <= x < t[2][2] and t[2][1] <= y < t[2][3]]
-                centred = [t for t in things if centre_cell(t[2]) == (c, r)]
-                hit = (covers + centred + [None])[0]
-                col.append(COLOURS.index(hit[0]) if hit else 0)
-                shp.append(SHAPES.index(hit[1]) if hit else 0)
-                wrd.append(TEXTS.index(hit[3]) if hit else 0)
-                box.append(hit[2] if hit else [0.0] * 4)
-    return torch.tensor(col), torch.tensor(shp), torch.tensor(wrd), torch.tensor(box)
-
 
 PLACES = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
 
@@ -430,9 +401,9 @@ def probe(mov, seed: int, canvas: int, grid: int, n_train: int = 1500, n_test: i
     vtr, ctr, _ = view_batch(seed, "train", 10 ** 7, n_train, canvas, grid)      # scenes no stage trained on
     vte, cte, _ = view_batch(seed, "eval", 0, n_test, canvas, grid)
     out = {}
-    feats = {"convnext": lambda v: mov.convnext_tokens(v)[:, 1:], "vit": lambda v: mov.vit_tokens(v)[:, 1:]}
-    ftr = {k: f(vtr).flatten(0, 1).double() for k, f in feats.items()}
-    fte = {k: f(vte).flatten(0, 1).double() for k, f in feats.items()}
+    feats = {k: encoder_tokens(mov, k)[0] for k in ("convnext", "vit")}          # the cls token left out below
+    ftr = {k: f(vtr)[:, 1:].flatten(0, 1).double() for k, f in feats.items()}
+    fte = {k: f(vte)[:, 1:].flatten(0, 1).double() for k, f in feats.items()}
     ftr["both"], fte["both"] = torch.cat(list(ftr.values()), 1), torch.cat(list(fte.values()), 1)
     g = int(round((ftr["vit"].shape[0] / len(vtr)) ** 0.5))
     (ctr_c, ctr_s, _, ctr_b), (cte_c, cte_s, _, cte_b) = cell_labels(ctr, g), cell_labels(cte, g)
@@ -462,6 +433,72 @@ def probe_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- 6-7: scene tokens, the projector
+
+def train_scene(scene: model.Sphinx, tok, args, cfg, autocast: bool, log) -> list[float]:
+    """Stage 6: the tuning's conversations with each scene given as its cells' attributes, in the image
+    block's place and layout; the loss on the answers, as in the tuning. The LLM learns to find what a
+    question names among the image tokens and to say what it holds, before any encoder is involved: the
+    tuning measured the same pace with these perfect tokens as with the encoders' (docs/results.md), so
+    the samples it needs are the LLM's, and this stage spends them without pixels."""
+    max_len, g = train.RECIPES["tiny"]["max_len"], scene_grid(cfg)
+
+    def loss_at(step):
+        first = SCENE_START + step * args.scene_batch
+        samples = [world.synthetic_sample(args.seed, "train", i, cfg.canvas) for i in range(first, first + args.scene_batch)]
+        b = data.collate([encode_scene(s, tok, max_len, scene.layout, g) for s in samples], tok)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return scene(b["tokens"], b["images"], b["targets"])[1]
+    fresh = list(scene.mov.parameters()) + [scene.begin_of_image, scene.end_of_image, scene.skip_token]
+    groups = [{"params": list(scene.llm.parameters())}, {"params": fresh, "lr_scale": SCENE_FRESH_LR}]
+    scene.train()
+    return optimise("scene tokens", groups, args.scene_steps, args.scene_lr, loss_at, args.scene_batch, log,
+                    args.log_every, betas=(0.9, 0.95), clip=1.0)
+
+
+@torch.no_grad()
+def eval_pictures(sphinx: model.Sphinx, tok, seed: int, canvas: int, per_task: int = 40, log=print) -> dict:
+    """The same questions about the pictures themselves: the base before any tuning."""
+    one = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
+    sphinx.eval()
+    return train.accuracy(train.evaluate(sphinx, tok, one, world.eval_per_task(seed, per_task, canvas), log=log))
+
+
+def scene_reused(args) -> bool:
+    """--reuse-llm names a base whose LLM went through the scene-token stage: that stage is not redone."""
+    return bool(args.reuse_llm) and loading.has_scene_tokens(args.reuse_llm)
+
+
+def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
+    """Stages 6-7: the scene-token stage (or the reused LLM's), then the projector fitted to the encoders.
+    Sets sphinx's image tags, skip token and projector; None when --scene-steps 0 (the tuning starts a
+    fresh projector, as the paper's one stage does)."""
+    scene = scene_model(cfg, sphinx.llm)
+    if scene_reused(args):                                   # the reused LLM already reads scene tokens: keep its parts
+        loading.load_scene_parts(args.reuse_llm, scene)
+        old = loading.base_summary(args.reuse_llm)
+        out = {k: old[k] for k in ("scene_form_eval",)} | {"minutes": old["minutes"]["scene"],
+                                                          "losses": old["losses"]["scene"]}
+    elif args.scene_steps:
+        t = time.perf_counter()
+        losses = train_scene(scene, tok, args, cfg, autocast, log)[::50]
+        out = {"minutes": (time.perf_counter() - t) / 60, "losses": losses,
+               "scene_form_eval": eval_scene_form(scene, tok, args.seed, cfg, per_task=args.eval_per_task)}
+    else:
+        return None
+    log("LLM base, held-out questions with the scene given as cell attributes: " +
+        ", ".join(f"{k} {v:.0%}" for k, v in out["scene_form_eval"].items()))
+    for name in ("begin_of_image", "end_of_image", "skip_token"):
+        getattr(sphinx, name).data.copy_(getattr(scene, name).data)
+    views, contents, _ = view_batch(args.seed, "train", SCENE_START, FIT_VIEWS, cfg.canvas, cfg.grid)
+    out["projector_fit_r2"] = fit_projector(sphinx.mov, scene.mov.proj, views, cell_attributes(contents, scene_grid(cfg)))
+    log("projector fitted to the scene tokens, R^2 " + ", ".join(f"{k} {v:.2f}" for k, v in out["projector_fit_r2"].items()))
+    out["picture_eval"] = eval_pictures(sphinx, tok, args.seed, cfg.canvas, args.eval_per_task, log=log)
+    log("the base from pictures, before any tuning: " + ", ".join(f"{k} {v:.0%}" for k, v in out["picture_eval"].items()))
+    out["scene_proj"] = scene.mov.proj
+    return out
+
+
 # ----------------------------------------------------------------------------- the base
 
 def refusal(args, cfg) -> str | None:
@@ -471,7 +508,7 @@ def refusal(args, cfg) -> str | None:
                 "make the base with --size tiny")
     target = Path(args.out) / f"{args.size}.safetensors"
     if target.exists() and not args.overwrite:
-        return f"{target} exists (about an hour of work); pass --overwrite to replace it, or another --out"
+        return f"{target} exists (hours of work); pass --overwrite to replace it, or another --out"
     return None
 
 
@@ -556,22 +593,28 @@ def main(argv=None):
         t = time.perf_counter()
         llm_losses = train_llm(sphinx.llm, tok, args, cfg.canvas, autocast, log)[::50]
         t_llm = time.perf_counter() - t
-        text_scores = eval_text_form(sphinx.llm, tok, args.seed, cfg.canvas, per_task=40)
+        text_scores = eval_text_form(sphinx.llm, tok, args.seed, cfg.canvas, per_task=args.eval_per_task)
     log("LLM base, held-out questions with the scene given as text: " +
         ", ".join(f"{k} {v:.0%}" for k, v in text_scores.items()))
+    scene = scene_stage(args, cfg, tok, sphinx, autocast, log)
     recipe = {k: getattr(args, k) for k in RECIPE} | {k: getattr(args, k) for k in (
         "convnext_objective", "vit_objective", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every")}
-    for reused, keys in ((args.reuse_vision, VISION_KEYS), (args.reuse_llm, LLM_KEYS)):
+    for reused, keys in ((args.reuse_vision, VISION_KEYS), (args.reuse_llm, LLM_KEYS),
+                         (scene_reused(args) and args.reuse_llm, SCENE_KEYS)):
         if reused:                           # a reused part is described by the recipe that made it
             made_by = loading.base_summary(reused)["recipe"]
             recipe |= {k: made_by[k] for k in keys if k in made_by}
+    t_scene = scene["minutes"] if scene else 0.0
     summary = {"recipe": recipe, "autocast_bf16": autocast,
-               "minutes": {"vision": vision["minutes"], "llm": t_llm / 60,
-                           "total": vision["minutes"] + t_llm / 60 + (time.perf_counter() - t_all - t_llm) / 60},
-               "losses": vision["losses"] | {"llm": llm_losses}, "probes": vision["probes"],
-               "text_form_eval": text_scores}
-    loading.save_base(out / f"{args.size}.safetensors", sphinx, summary)
-    log(f"saved {out / f'{args.size}.safetensors'} and {out / 'tokenizer.json'} in {summary['minutes']['total']:.1f} min")
+               "minutes": {"vision": vision["minutes"], "llm": t_llm / 60, "scene": t_scene,
+                           "total": vision["minutes"] + t_llm / 60 + t_scene,          # the stages' work, reused or not
+                           "this_run": (time.perf_counter() - t_all) / 60},
+               "losses": vision["losses"] | {"llm": llm_losses} | ({"scene": scene["losses"]} if scene else {}),
+               "probes": vision["probes"], "text_form_eval": text_scores}
+    if scene:
+        summary |= {k: scene[k] for k in ("scene_form_eval", "projector_fit_r2", "picture_eval")}
+    loading.save_base(out / f"{args.size}.safetensors", sphinx, summary, scene["scene_proj"] if scene else None)
+    log(f"saved {out / f'{args.size}.safetensors'} and {out / 'tokenizer.json'} in {summary['minutes']['this_run']:.1f} min")
 
 
 if __name__ == "__main__":

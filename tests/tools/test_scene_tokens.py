@@ -1,0 +1,150 @@
+"""scene_tokens.py: the per-cell truth, the scene's cells as an image block, the projector fitted to them,
+and a base that carries that projector."""
+from argparse import Namespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data as D
+import loading as L
+import model as M
+from tools import pretrain as P
+from tools import scene_tokens as S
+import world as W
+
+CFG = M.sphinx_config("tiny")
+
+
+def _scene_sample(seed=4):
+    i = 0
+    while True:
+        s = W.synthetic_sample(seed, "train", i, 128)
+        if s.image is not None and s.truth.get("word") and len(s.truth["objects"]) >= 2:
+            return s
+        i += 1
+
+
+def test_view_contents_map_canvas_boxes_into_each_view():
+    s = _scene_sample()
+    contents = S.view_contents(s, 128, 2)
+    assert len(contents) == 5 and len(contents[0]) == len(s.truth["objects"]) + 1
+    assert ("text", "word", s.truth["word"]["text"]) in [(c, sh, t) for c, sh, _, t in contents[0]]
+    for colour, shape, b, _ in contents[0]:
+        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+        v = 1 + 2 * int(cy * 2) + int(cx * 2)                 # the sub-image holding this centre
+        match = [x for x in contents[v] if x[:2] == (colour, shape)]
+        assert len(match) == 1
+        sub = match[0][2]
+        assert sub[0] == pytest.approx(b[0] * 2 - int(cx * 2)) and sub[3] == pytest.approx(b[3] * 2 - int(cy * 2))
+
+
+def test_cell_labels_name_what_covers_each_cell_centre():
+    col, shp, wrd, box = S.cell_labels([[("red", "circle", [0.0, 0.0, 0.3, 0.3], "")]], 4)
+    assert col.tolist()[:2] == [S.COLOURS.index("red"), 0] and shp[0] == S.SHAPES.index("circle")
+    assert box[0].tolist() == pytest.approx([0.0, 0.0, 0.3, 0.3]) and box[1].abs().sum() == 0 and wrd.sum() == 0
+    # A thing smaller than a cell covers no cell centre: the cell holding its centre names it.
+    col, shp, wrd, box = S.cell_labels([[("text", "word", [0.55, 0.30, 0.70, 0.45], "KEY")]], 4)
+    assert torch.nonzero(shp).flatten().tolist() == [1 * 4 + 2]
+    assert wrd[6] == S.TEXTS.index("KEY") and col[6] == S.COLOURS.index("text")
+    assert box[6].tolist() == pytest.approx([0.55, 0.30, 0.70, 0.45])
+
+
+def test_cell_attributes_are_one_hots_and_the_box_with_the_mean_first():
+    contents = [[("green", "square", [0.5, 0.5, 1.0, 1.0], "")], []]
+    a = S.cell_attributes(contents, 4)
+    assert a.shape == (2, 17, S.N_ATTRIBUTES)
+    cell = a[0, 1 + 3 * 4 + 3]                              # bottom-right cell of view 0
+    nc, ns, nw = len(S.COLOURS), len(S.SHAPES), len(S.TEXTS)
+    assert cell[:nc].argmax() == S.COLOURS.index("green") and cell[nc:nc + ns].argmax() == S.SHAPES.index("square")
+    assert cell[nc + ns:nc + ns + nw].argmax() == 0 and cell[-4:].tolist() == [0.5, 0.5, 1.0, 1.0]
+    assert a[0, 1][0] == 1 and a[0, 1][-4:].abs().sum() == 0               # top-left: background
+    assert sorted(set(a[:, 1:, :nc].sum(-1).flatten().tolist())) == [1.0]   # exactly one colour per cell
+    torch.testing.assert_close(a[:, 0], a[:, 1:].mean(1))
+    assert a[1, 1:, 0].eq(1).all()                                          # an empty view: all background
+
+
+def test_scene_tokens_fill_the_image_block_of_the_real_layout():
+    torch.manual_seed(0)
+    real = M.build_sphinx(CFG)
+    scene = S.scene_model(CFG, real.llm)
+    assert scene.llm is real.llm
+    s = _scene_sample()
+    tok = D.Tokenizer(L.tokenizer_beside(P.train.DEFAULT_BASE) or P.train.DEFAULT_BASE.parent / "tokenizer.json")
+    e_real, e_scene = D.encode(s, tok, 320, real.layout), S.encode_scene(s, tok, 320, scene.layout, 4)
+    assert e_scene.tokens == e_real.tokens and e_scene.image_tokens == e_real.image_tokens
+    assert e_scene.tiles.fully_padded == e_real.tiles.fully_padded
+    block = scene.image_blocks([e_scene.tiles])[0]
+    want, k = [], 0
+    attrs = S.cell_attributes(S.view_contents(s, 128, 2), 4)
+    for v, padded in enumerate(e_scene.tiles.fully_padded):
+        if padded:
+            want.append(scene.skip_token[None])
+        else:
+            want += [scene.begin_of_image[None], scene.mov.proj(attrs[v]), scene.end_of_image[None]]
+    torch.testing.assert_close(block, torch.cat(want))
+    assert len(block) == real.image_blocks([e_real.tiles])[0].shape[0]
+
+
+def test_fit_projector_composes_the_regression_with_the_scene_projector():
+    # Attributes that are an exact affine function of the encoders' tokens: the fitted projector must map
+    # every view exactly where the scene projector maps its attributes.
+    torch.manual_seed(0)
+    real = M.build_sphinx(CFG)
+    scene_proj = S.SceneTokens(CFG.llm.dim, 16).proj
+    torch.nn.init.normal_(scene_proj[0].weight, std=0.3)
+    torch.nn.init.normal_(scene_proj[1].weight, mean=1.0, std=0.1)
+    views = torch.rand(64, 3, 64, 64)
+    feats = real.mov.encode_frozen(views).double()
+    mix = torch.randn(feats.shape[-1], S.N_ATTRIBUTES, dtype=torch.float64)
+    attrs = feats @ mix + torch.randn(S.N_ATTRIBUTES, dtype=torch.float64)
+    r2 = S.fit_projector(real.mov, scene_proj, views, attrs.float(), lam=1e-9)
+    assert min(r2.values()) > 0.999
+    with torch.no_grad():
+        torch.testing.assert_close(real.mov(views), scene_proj(attrs.float()), rtol=1e-3, atol=1e-3)
+        assert not torch.allclose(real.mov(views), scene_proj(attrs.float() + 0.5), atol=1e-2)
+
+
+def test_scene_stage_trains_the_llm_projector_tags_and_skip_token(tmp_path):
+    torch.manual_seed(0)
+    tok = D.Tokenizer(P.train.DEFAULT_BASE.parent / "tokenizer.json")
+    scene = S.scene_model(CFG, M.build_sphinx(CFG).llm)
+    before = {n: p.detach().clone() for n, p in scene.named_parameters() if p.requires_grad}
+    args = Namespace(seed=0, scene_steps=6, scene_batch=4, scene_lr=1e-3, log_every=100)
+    losses = P.train_scene(scene, tok, args, CFG, autocast=False, log=lambda *a: None)
+    assert len(losses) == 6 and all(l == l for l in losses)
+    moved = {n for n, p in scene.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert {"mov.proj.0.weight", "begin_of_image", "end_of_image", "llm.layers.0.attention.wq.weight"} <= moved
+    used = [W.synthetic_sample(0, "train", i, 128) for i in range(P.SCENE_START, P.SCENE_START + 24)]
+    padded = any(any(scene.layout.tile(s.image).fully_padded) for s in used if s.image is not None)
+    assert ("skip_token" in moved) == padded          # it learns exactly when a view was only padding
+
+
+def test_a_base_with_a_fitted_projector_loads_it_and_its_scene_parts(tmp_path):
+    torch.manual_seed(0)
+    src = M.build_sphinx(CFG)
+    scene = S.scene_model(CFG, src.llm)
+    path = tmp_path / "tiny.safetensors"
+    L.save_base(path, src, {"recipe": {}}, scene.mov.proj)
+    assert L.base_has_projector(path)
+    for size in ("tiny", "tiny-moe"):
+        torch.manual_seed(1)
+        got = L.load_base(path, M.sphinx_config(size))
+        for name in ("mov.proj.0.weight", "mov.proj.1.bias", "skip_token", "begin_of_image"):
+            torch.testing.assert_close(got.get_parameter(name), src.get_parameter(name), rtol=0, atol=0)
+    again = S.scene_model(CFG, src.llm)
+    L.load_scene_parts(path, again)
+    for name in ("mov.proj.0.weight", "mov.proj.1.weight"):          # the scene stage's own projector
+        torch.testing.assert_close(again.get_parameter(name), scene.get_parameter(name), rtol=0, atol=0)
+    torch.testing.assert_close(again.end_of_image, src.end_of_image, rtol=0, atol=0)   # the tags both share
+    plain = tmp_path / "plain.safetensors"
+    L.save_base(plain, src, {"recipe": {}})
+    assert not L.base_has_projector(plain)
+    torch.manual_seed(1)
+    a = L.load_base(plain, CFG)
+    torch.manual_seed(2)
+    b = L.load_base(plain, CFG)
+    assert not torch.equal(a.mov.proj[0].weight, b.mov.proj[0].weight)      # no projector stored: fresh per seed
+    torch.testing.assert_close(a.llm.output.weight, src.llm.output.weight, rtol=0, atol=0)
+    with pytest.raises(L.CheckpointError, match="no scene-token stage"):
+        L.load_scene_parts(plain, again)

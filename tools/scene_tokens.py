@@ -1,0 +1,176 @@
+"""What each image token of a synthetic scene should say, and an LLM that learns to read it.
+
+The tiny base's encoders are pretrained densely (tools/pretrain.py): for every grid cell of every view
+they learn to name what covers the cell (colour, shape, which word) and where it is (its box in view
+coordinates). This file holds that per-cell truth, and uses it a second time: written as a vector per
+cell, laid out exactly as the image block (global view, then the sub-images; skip tokens where a view is
+only padding), it is a *perfect reading* of the scene that the LLM can learn the tasks from before it
+ever sees a pixel: `SceneTokens` plugs into `Sphinx` in place of the MoV. Afterwards `fit_projector`
+maps the real encoders' tokens onto the same vectors (least squares), so the tuning starts from a
+projector the LLM already understands. Nothing in the core imports this file.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model
+import train
+import world
+from parallel import Mesh
+from tiling import ImageLayout, Tiles, photo_to_canvas
+
+COLOURS = ("none",) + tuple(world.COLORS) + ("text",)
+SHAPES = ("none",) + world.SHAPES + ("word",)
+TEXTS = ("",) + world.WORDS
+N_ATTRIBUTES = len(COLOURS) + len(SHAPES) + len(TEXTS) + 4       # one-hot colour, shape, word; the box
+
+
+# ----------------------------------------------------------------------------- the per-cell truth
+
+def view_contents(sample: data.Sample, canvas: int, grid: int):
+    """Per encoded view: [(colour or 'text', shape or 'word', box in view coordinates, the word or '')],
+    things whose centre lies in the view. View 0 is the whole canvas, then the sub-images row-major
+    (tiling.py)."""
+    t = sample.truth
+    things = [(o["color"], o["shape"], o["box"], "") for o in t["objects"]]
+    if t["word"]:
+        things.append(("text", "word", t["word"]["box"], t["word"]["text"]))
+    out = []
+    for v in range(1 + grid * grid):
+        scale, (ox, oy) = (1, (0, 0)) if v == 0 else (grid, ((v - 1) % grid, (v - 1) // grid))
+        inside = []
+        for colour, shape, box, text in things:
+            b = [c * scale - (ox if i % 2 == 0 else oy) for i, c in enumerate(photo_to_canvas(box, sample.image.size, canvas))]
+            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+            if 0 <= cx < 1 and 0 <= cy < 1:
+                inside.append((colour, shape, b, text))
+        out.append(inside)
+    return out
+
+
+
+
+def cell_labels(contents, g: int):
+    """Per grid cell of each view: colour id, shape id, word id and the box (view coordinates) of the thing
+    covering the cell centre, or else of a thing whose centre lies in the cell (a thing smaller than a
+    cell covers no cell centre); zeros where there is none."""
+    col, shp, wrd, box = [], [], [], []
+    centre_cell = lambda b: (int(g * (b[0] + b[2]) / 2), int(g * (b[1] + b[3]) / 2))
+    for things in contents:
+        for r in range(g):
+            for c in range(g):
+                x, y = (c + 0.5) / g, (r + 0.5) / g
+                covers = [t for t in things if t[2][0] <= x < t[2][2] and t[2][1] <= y < t[2][3]]
+                centred = [t for t in things if centre_cell(t[2]) == (c, r)]
+                hit = (covers + centred + [None])[0]
+                col.append(COLOURS.index(hit[0]) if hit else 0)
+                shp.append(SHAPES.index(hit[1]) if hit else 0)
+                wrd.append(TEXTS.index(hit[3]) if hit else 0)
+                box.append(hit[2] if hit else [0.0] * 4)
+    return torch.tensor(col), torch.tensor(shp), torch.tensor(wrd), torch.tensor(box)
+
+
+def cell_attributes(contents, g: int) -> torch.Tensor:
+    """(views, 1 + g*g tokens, N_ATTRIBUTES) from view_contents: per grid cell, the one-hot colour, shape
+    and word of what covers it and its box in view coordinates ('none' and zeros for the background);
+    each view's first token is the mean of its cells, as the ConvNeXt's is."""
+    col, shp, wrd, box = cell_labels(contents, g)
+    cells = torch.cat([F.one_hot(col, len(COLOURS)), F.one_hot(shp, len(SHAPES)), F.one_hot(wrd, len(TEXTS)),
+                       box], 1).float().view(len(contents), g * g, N_ATTRIBUTES)
+    return torch.cat([cells.mean(1, keepdim=True), cells], 1)
+
+
+def scene_tiles(sample: data.Sample, tiles: Tiles, g: int) -> Tiles:
+    """The sample's tiles with each view's pixels replaced by its cells' attributes (same skip pattern)."""
+    return replace(tiles, views=cell_attributes(view_contents(sample, tiles.canvas, tiles.grid), g))
+
+
+# ----------------------------------------------------------------------------- the LLM reads them
+
+class SceneTokens(nn.Module):
+    """The MoV's place in `Sphinx` (its image-path seam), fed the scene's cell attributes instead of
+    pixels: Linear + LayerNorm into the LLM width, as the real projector is, on the same layout."""
+
+    def __init__(self, llm_dim: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Sequential(nn.Linear(N_ATTRIBUTES, llm_dim), nn.LayerNorm(llm_dim))
+
+    def layout(self, canvas: int, grid: int, skip_tokens: bool) -> ImageLayout:
+        return ImageLayout(canvas, grid, 1 + (canvas // grid // self.patch) ** 2, skip_tokens)
+
+    def freeze_encoders(self):
+        """No encoders: the attributes are given."""
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        nn.init.normal_(self.proj[0].weight, std=std)
+        nn.init.zeros_(self.proj[0].bias)
+        self.proj[1].reset_parameters()
+
+    def encode_images(self, images: list[Tiles], encoded: list[list[bool]], tp_group=None):
+        views = [v for t, enc in zip(images, encoded) for v, e in zip(t.views, enc) if e]
+        if not views:
+            return None
+        w = self.proj[0].weight
+        return self.proj(torch.stack(views).to(w.device, w.dtype))
+
+
+def encode_scene(sample: data.Sample, tok: data.Tokenizer, max_len: int, layout: ImageLayout, g: int) -> data.Encoded:
+    """data.encode, with the image block made of the scene's attributes."""
+    e = data.encode(sample, tok, max_len, layout)
+    return e if e.tiles is None else replace(e, tiles=scene_tiles(sample, e.tiles, g))
+
+
+def scene_grid(cfg) -> int:
+    return cfg.view_size // cfg.vit.patch
+
+
+def scene_model(cfg, llm: model.Transformer) -> model.Sphinx:
+    """A Sphinx sharing `llm` whose image path is SceneTokens: the scene's cell attributes for pixels."""
+    scene = model.build_sphinx(cfg, mov=lambda: SceneTokens(cfg.llm.dim, cfg.vit.patch))
+    scene.llm = llm
+    return scene
+
+
+@torch.no_grad()
+def eval_scene_form(scene: model.Sphinx, tok, seed: int, cfg, per_task: int = 20, log=print) -> dict:
+    """Greedy answers to held-out questions with the scene given as its cells' attributes."""
+    one = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
+    g = scene_grid(cfg)
+    prompt_of = lambda s: (data.prompt_tokens(tok, s.turns),
+                           None if s.image is None else scene_tiles(s, scene.layout.tile(s.image), g))
+    scene.eval()
+    return train.accuracy(train.evaluate(scene, tok, one, world.eval_per_task(seed, per_task, cfg.canvas), prompt_of,
+                                         log=log))
+
+
+# ----------------------------------------------------------------------------- the real projector
+
+@torch.no_grad()
+def fit_projector(mov, scene_proj: nn.Sequential, views: torch.Tensor, attributes: torch.Tensor,
+                  lam: float = 1e-2) -> dict:
+    """Set the real projector so that encoder tokens land where the scene's attributes would: the
+    attributes are regressed on the frozen encoders' tokens (ridge, with a bias), and that linear map
+    is composed with the scene projector's Linear; its LayerNorm is copied. Returns the fit's R^2 per
+    attribute group on the fitting views."""
+    x = mov.encode_frozen(views).flatten(0, 1).double()
+    y = attributes.flatten(0, 1).double()
+    x1 = F.pad(x, (0, 1), value=1.0)
+    w = torch.linalg.solve(x1.T @ x1 + lam * len(x1) * torch.eye(x1.shape[1], dtype=x1.dtype), x1.T @ y)
+    lin = scene_proj[0]
+    weight, bias = lin.weight.double() @ w[:-1].T, lin.weight.double() @ w[-1] + lin.bias.double()
+    mov.proj[0].weight.copy_(weight)
+    mov.proj[0].bias.copy_(bias)
+    mov.proj[1].load_state_dict(scene_proj[1].state_dict())
+    pred, r2, at = x1 @ w, {}, 0
+    for name, n in (("colour", len(COLOURS)), ("shape", len(SHAPES)), ("word", len(TEXTS)), ("box", 4)):
+        res, tot = pred[:, at:at + n] - y[:, at:at + n], y[:, at:at + n] - y[:, at:at + n].mean(0)
+        r2[name] = 1 - (res ** 2).sum().item() / (tot ** 2).sum().item()
+        at += n
+    return r2
