@@ -106,7 +106,8 @@ def load_sphinx(path, device="cpu", dtype=torch.float32, tp_group=None, verify=T
 
 
 BASE_PARTS = ("llm.", "mov.convnext.", "mov.vit.")
-IMAGE_PARTS = ("mov.proj.", "begin_of_image", "end_of_image", "skip_token")    # fitted by the scene-token stage
+IMAGE_TAGS = ("begin_of_image", "end_of_image", "skip_token")
+IMAGE_PARTS = ("mov.proj.",) + IMAGE_TAGS          # fitted by the scene-token stage
 SCENE_PREFIX = "scene_tokens."     # the scene stage's own projector: pretrain.py refits the real one from it
 
 
@@ -139,7 +140,7 @@ def has_scene_tokens(path) -> bool:
 def load_scene_parts(path, scene: Sphinx):
     """The scene-token stage's projector, image tags and skip token of a base into `scene` (pretrain.py)."""
     want = {SCENE_PREFIX + "proj." + k: "mov.proj." + k for k in scene.mov.proj.state_dict()}
-    want |= {n: n for n in ("begin_of_image", "end_of_image", "skip_token")}
+    want |= {n: n for n in IMAGE_TAGS}
     found = {want[n]: t for n, t in iter_safetensors([path]) if n in want}
     if len(found) != len(want):
         raise CheckpointError(f"{path}: no scene-token stage in this base (missing {sorted(set(want.values()) - set(found))})")

@@ -63,7 +63,7 @@ import world
 from parallel import Mesh
 from tiling import tile
 from tools.scene_tokens import (COLOURS, SHAPES, TEXTS, cell_attributes, cell_labels, encode_scene,
-                                 eval_scene_form, fit_projector, scene_grid, scene_model, view_contents)
+                                 fit_projector, scene_grid, scene_model, scene_prompt, view_contents)
 
 RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, scene_batch=16, scene_lr=1e-3,
               convnext_steps=800, vit_steps=800, vis_batch=128, vis_lr=2e-3, seed=1000)
@@ -196,14 +196,18 @@ def train_llm(llm: model.Transformer, tok, args, canvas: int, autocast: bool, lo
 
 
 @torch.no_grad()
+def held_out_accuracy(net, tok, seed: int, canvas: int, per_task: int, prompt_of=None, log=print) -> dict:
+    """train.evaluate's greedy per-task accuracy, in this one process; prompt_of poses each question."""
+    one = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
+    return train.accuracy(train.evaluate(net, tok, one, world.eval_per_task(seed, per_task, canvas), prompt_of, log=log))
+
+
 def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20, log=print) -> dict:
     """Greedy answers to held-out questions with the scene given as text (train.evaluate's scoring): what
     the LLM base can do once it knows the scene, the upper bound the tuning reaches for when the picture
     replaces the text."""
-    one = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
     prompt_of = lambda s: ([tok.bos_id] + tok.encode(text_form(s, canvas)), None)
-    scores = train.evaluate(llm, tok, one, world.eval_per_task(seed, per_task, canvas), prompt_of, log=log)
-    return train.accuracy(scores)
+    return held_out_accuracy(llm, tok, seed, canvas, per_task, prompt_of, log)
 
 
 # ----------------------------------------------------------------------------- views and their contents
@@ -449,19 +453,23 @@ def train_scene(scene: model.Sphinx, tok, args, cfg, autocast: bool, log) -> lis
         b = data.collate([encode_scene(s, tok, max_len, scene.layout, g) for s in samples], tok)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return scene(b["tokens"], b["images"], b["targets"])[1]
-    fresh = list(scene.mov.parameters()) + [scene.begin_of_image, scene.end_of_image, scene.skip_token]
+    fresh = list(scene.mov.parameters()) + [getattr(scene, name) for name in loading.IMAGE_TAGS]
     groups = [{"params": list(scene.llm.parameters())}, {"params": fresh, "lr_scale": SCENE_FRESH_LR}]
     scene.train()
     return optimise("scene tokens", groups, args.scene_steps, args.scene_lr, loss_at, args.scene_batch, log,
                     args.log_every, betas=(0.9, 0.95), clip=1.0)
 
 
-@torch.no_grad()
+def eval_scene_form(scene: model.Sphinx, tok, seed: int, cfg, per_task: int = 20, log=print) -> dict:
+    """Greedy answers to held-out questions with the scene given as its cells' attributes."""
+    scene.eval()
+    return held_out_accuracy(scene, tok, seed, cfg.canvas, per_task, scene_prompt(scene, tok, scene_grid(cfg)), log)
+
+
 def eval_pictures(sphinx: model.Sphinx, tok, seed: int, canvas: int, per_task: int = 40, log=print) -> dict:
     """The same questions about the pictures themselves: the base before any tuning."""
-    one = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
     sphinx.eval()
-    return train.accuracy(train.evaluate(sphinx, tok, one, world.eval_per_task(seed, per_task, canvas), log=log))
+    return held_out_accuracy(sphinx, tok, seed, canvas, per_task, log=log)
 
 
 def scene_reused(args) -> bool:
@@ -477,8 +485,8 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
     if scene_reused(args):                                   # the reused LLM already reads scene tokens: keep its parts
         loading.load_scene_parts(args.reuse_llm, scene)
         old = loading.base_summary(args.reuse_llm)
-        out = {k: old[k] for k in ("scene_form_eval",)} | {"minutes": old["minutes"]["scene"],
-                                                          "losses": old["losses"]["scene"]}
+        out = {"scene_form_eval": old["scene_form_eval"], "minutes": old["minutes"]["scene"],
+               "losses": old["losses"]["scene"]}
     elif args.scene_steps:
         t = time.perf_counter()
         losses = train_scene(scene, tok, args, cfg, autocast, log)[::50]
@@ -488,7 +496,7 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
         return None
     log("LLM base, held-out questions with the scene given as cell attributes: " +
         ", ".join(f"{k} {v:.0%}" for k, v in out["scene_form_eval"].items()))
-    for name in ("begin_of_image", "end_of_image", "skip_token"):
+    for name in loading.IMAGE_TAGS:
         getattr(sphinx, name).data.copy_(getattr(scene, name).data)
     views, contents, _ = view_batch(args.seed, "train", SCENE_START, FIT_VIEWS, cfg.canvas, cfg.grid)
     out["projector_fit_r2"] = fit_projector(sphinx.mov, scene.mov.proj, views, cell_attributes(contents, scene_grid(cfg)))

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 
 import data
 import model
-import train
 import world
-from parallel import Mesh
 from tiling import ImageLayout, Tiles, photo_to_canvas
 
 COLOURS = ("none",) + tuple(world.COLORS) + ("text",)
@@ -138,16 +136,10 @@ def scene_model(cfg, llm: model.Transformer) -> model.Sphinx:
     return scene
 
 
-@torch.no_grad()
-def eval_scene_form(scene: model.Sphinx, tok, seed: int, cfg, per_task: int = 20, log=print) -> dict:
-    """Greedy answers to held-out questions with the scene given as its cells' attributes."""
-    one = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
-    g = scene_grid(cfg)
-    prompt_of = lambda s: (data.prompt_tokens(tok, s.turns),
-                           None if s.image is None else scene_tiles(s, scene.layout.tile(s.image), g))
-    scene.eval()
-    return train.accuracy(train.evaluate(scene, tok, one, world.eval_per_task(seed, per_task, cfg.canvas), prompt_of,
-                                         log=log))
+def scene_prompt(scene: model.Sphinx, tok: data.Tokenizer, g: int):
+    """prompt_of for train.evaluate: the question in the chat template, the scene as its cells' attributes."""
+    return lambda s: (data.prompt_tokens(tok, s.turns),
+                      None if s.image is None else scene_tiles(s, scene.layout.tile(s.image), g))
 
 
 # ----------------------------------------------------------------------------- the real projector
