@@ -586,7 +586,7 @@ def main(argv=None):
     if args.reuse_vision:                    # the vision stages do not depend on the LLM: keep them
         sphinx, old = loading.load_base(args.reuse_vision, cfg), loading.base_summary(args.reuse_vision)
         vision = {"minutes": old["minutes"]["vision"], "probes": old["probes"],
-                  "losses": {k: v for k, v in old["losses"].items() if k != "llm"}}
+                  "losses": {k: v for k, v in old["losses"].items() if k not in ("llm", "scene")}}
     else:
         sphinx = model.build_sphinx(cfg)
         vision = vision_stages(args, cfg, tok, sphinx, log)

@@ -223,6 +223,11 @@ def test_a_base_from_reused_parts_records_the_recipes_that_made_them(base_path, 
     assert L.base_summary(again)["recipe"]["scene_steps"] == 3
     a, b = L.load_base(new, M.sphinx_config("tiny")), L.load_base(again, M.sphinx_config("tiny"))
     assert torch.equal(a.skip_token, b.skip_token) and torch.equal(a.llm.output.weight, b.llm.output.weight)
+    # Without a scene-token stage the base has no projector, and none of the reused base's scene entries.
+    P.main(["--reuse-vision", str(base_path), "--reuse-llm", str(other / "tiny.safetensors"),
+            "--out", str(tmp_path / "plain"), "--scene-steps", "0"])
+    plain = tmp_path / "plain" / "tiny.safetensors"
+    assert not L.base_has_projector(plain) and "scene" not in L.base_summary(plain)["losses"]
 
 
 def test_an_existing_base_is_never_overwritten_without_the_flag(tmp_path, capsys):
