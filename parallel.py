@@ -85,6 +85,15 @@ def agree(group, value, op: str = "sum") -> float:
     return all_reduce(torch.tensor(float(value), dtype=torch.float64), group, ops[op]).item()
 
 
+def gather_lists(items: list, group) -> list:
+    """Every rank's list, concatenated in rank order, on every rank of `group` (e.g. held-out answers)."""
+    if group is None:
+        return list(items)
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, items, group=group)
+    return [x for part in parts for x in part]
+
+
 def barrier(mesh):
     if mesh.world > 1:
         dist.barrier()

@@ -29,7 +29,7 @@ import world
 from checkpoint import CheckpointError, load_state_strict, unique_state_dict, verify_safetensors
 from generate import generate
 from moe import total_aux_loss, track_usage, usage_report
-from parallel import Mesh, agree, all_reduce, barrier, setup_mesh
+from parallel import Mesh, agree, all_reduce, barrier, gather_lists, setup_mesh
 from runs import RunError, check_spread, claim_run_dir, draw_run, load_checkpoint, run_dtype, save_checkpoint
 from zero import ZeRO2
 
@@ -248,10 +248,11 @@ def answer(model, tok, prompt: list[int], tiles, max_new_tokens: int = 48) -> st
     return tok.decode(ids).removesuffix("\n" + data.SEP).strip()
 
 
-def evaluate(model, tok, mesh, samples, prompt_of=None, log=print) -> dict:
+def evaluate(model, tok, mesh, samples, prompt_of=None, log=print, answers: list | None = None) -> dict:
     """Held-out accuracy per task (greedy; box tasks: every box at IoU >= 0.5), split over DP ranks.
     prompt_of(sample) -> (ids, tiles) poses the question; default: the picture and the chat template
-    (the base stage passes the scene written as text). Returns {task: (right, n)}."""
+    (the base stage passes the scene written as text). Returns {task: (right, n)}; `answers`, if given,
+    receives this rank's answers, one dict per question."""
     totals = torch.zeros(len(world.TASKS), 2, dtype=torch.float64)
     mine = [s for i, s in enumerate(samples) if i % mesh.dp == mesh.dp_rank]
     t0, every = time.perf_counter(), max(1, len(mine) // 4)         # a progress line per quarter
@@ -260,7 +261,12 @@ def evaluate(model, tok, mesh, samples, prompt_of=None, log=print) -> dict:
         ids, tiles = prompt_of(held) if prompt_of else (data.prompt_tokens(tok, held.turns),
                                                         model.layout.tile(s.image) if s.image is not None else None)
         k = world.TASKS.index(s.task)
-        totals[k] += torch.tensor([world.score(s.task, answer(model, tok, ids, tiles), s.turns[-1][1]), 1.0])
+        said = answer(model, tok, ids, tiles)
+        right = world.score(s.task, said, s.turns[-1][1])
+        totals[k] += torch.tensor([right, 1.0])
+        if answers is not None:
+            answers.append({"task": s.task, "sample": s.source, "question": s.turns[-1][0],
+                            "reference": s.turns[-1][1], "answer": said, "right": right})
         if (i + 1) % every == 0 or i + 1 == len(mine):
             log(f"  evaluating: {i + 1}/{len(mine)} answers ({time.perf_counter() - t0:.0f} s)")
     all_reduce(totals, mesh.dp_group)
@@ -317,7 +323,10 @@ def final_report(args, mesh, model, tok, log) -> dict:
         track_usage(model)
     held_out = world.eval_per_task(args.seed, args.eval_per_task, canvas)
     log(f"held-out evaluation: {len(held_out)} samples over {mesh.dp} rank(s)")
-    scores = evaluate(model, tok, mesh, held_out, log=log)
+    answers = []
+    scores = evaluate(model, tok, mesh, held_out, log=log, answers=answers)
+    order = {s.source: i for i, s in enumerate(held_out)}
+    answers = sorted(gather_lists(answers, mesh.dp_group), key=lambda a: order[a["sample"]])
     # The floor to beat: each question answered from synthetic training samples' text alone.
     blind = world.text_only_baseline(
         world.train_samples(args.seed, BASELINE_SAMPLES, canvas, args.tasks_per_image), held_out)
@@ -329,9 +338,31 @@ def final_report(args, mesh, model, tok, log) -> dict:
     own, other = image_reliance(model, tok, mesh, held_out)
     log(f"image reliance: held-out answer loss {own:.3f} with each sample's own image, {other:.3f} with "
         f"another sample's image (ratio {reliance_ratio(own, other):.2f}; 1 means the answers ignore the image)")
+    for line in wrong_answers(answers):
+        log(line)
     if is_moe:
         log("expert usage during evaluation:\n" + usage_report(model))
-    return {"eval": scores, "text_only_baseline": blind, "image_reliance": (own, other)}
+    return {"eval": scores, "text_only_baseline": blind, "image_reliance": (own, other), "answers": answers}
+
+
+def wrong_answers(answers: list[dict]) -> list[str]:
+    """Lines showing the first wrong held-out answer of each task: what a number cannot say (a box of the
+    right size in the wrong place, a colour mixed up)."""
+    wrong = {}
+    for a in answers:
+        if not a["right"]:
+            wrong.setdefault(a["task"], a)
+    short = lambda q: q if len(q) <= 60 else "..." + q[-57:]
+    return (["what it says when it is wrong (the first wrong held-out answer per task):"] if wrong else []) + \
+        [f"  {t:10s} {short(wrong[t]['question'])!r} -> {wrong[t]['answer']!r} (right: {wrong[t]['reference']!r})"
+         for t in world.TASKS if t in wrong]
+
+
+def write_answers(path: Path, answers: list[dict]):
+    """One JSON line per held-out question: task, sample, question, reference, answer, right (atomically)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(a) + "\n" for a in answers))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -458,6 +489,9 @@ def finish(args, mesh, model, tok, opt, batcher, step, losses, progress, skips, 
         result.update(final_report(args, mesh, model, tok, log))
         progress.record({"step": step, "elapsed_s": time.perf_counter() - progress.t_start, "final": True,
                          "eval": accuracy(result["eval"]), "reliance": reliance_ratio(*result["image_reliance"])})
+        if mesh.is_main:
+            write_answers(args.out / "answers.jsonl", result["answers"])
+            log(f"every held-out answer: {args.out / 'answers.jsonl'}")
     if mesh.is_main:
         picture = draw_run(args.out / "metrics.jsonl", args.out / "run.png")
         log(f"picture of the run: {picture}")

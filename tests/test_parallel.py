@@ -96,3 +96,20 @@ def test_split_rows_and_gather_encodes_a_share_per_rank_and_equals_one_process(t
         res = torch.load(f"{out}.{r}")
         assert res["seen"] == [3]                  # each rank encodes ceil(5 / 2) views, not all 5
         assert torch.equal(res["got"], want)
+
+
+def _gather_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mine = [{"rank": rank, "i": i} for i in range(3 + rank)]          # unequal lengths: 3 and 4
+    torch.save(P.gather_lists(mine, dist.group.WORLD), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_gather_lists_gives_every_rank_all_items_in_rank_order(tmp_path):
+    out = str(tmp_path / "g")
+    spawn(_gather_worker, (free_port(), out), 2, timeout=120)
+    want = [{"rank": r, "i": i} for r in range(2) for i in range(3 + r)]
+    for r in range(2):
+        assert torch.load(f"{out}.{r}") == want
+    assert P.gather_lists([1, 2], None) == [1, 2]                       # one rank: no collective

@@ -146,6 +146,16 @@ def test_run_ends_with_per_task_evaluation_beside_the_text_only_baseline(tokeniz
         blind, n_blind = res["text_only_baseline"][task]
         assert n_blind == n and f"({int(right)}/{int(n)}; text-only baseline {blind / n:.1%})" in printed[task]
     assert "image reliance: held-out answer loss" in out
+    # Every held-out answer, in held-out order, in the run directory; the scores are their sums.
+    rows = [json.loads(l) for l in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    held_out = W.eval_per_task(3, 2, res["model"].cfg.canvas)
+    assert [r["sample"] for r in rows] == [s.source for s in held_out]
+    assert [(r["question"], r["reference"]) for r in rows] == [s.turns[-1] for s in held_out]
+    for task in evaluated:
+        assert sum(r["right"] for r in rows if r["task"] == task) == res["eval"][task][0]
+        assert all(r["right"] == W.score(task, r["answer"], r["reference"]) for r in rows if r["task"] == task)
+    first_wrong = next(r for r in rows if not r["right"])
+    assert f"{first_wrong['answer']!r} (right: {first_wrong['reference']!r})" in out
 
 
 def test_tiny_run_starts_from_the_shipped_base_and_its_fitted_projector(tmp_path):
