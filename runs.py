@@ -80,7 +80,7 @@ def save_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher, step: int
         while final.exists():              # the same step saved again: a new name, the old one intact
             final, k = args.out / f"step-{step:06d}.{k}", k + 1
         os.replace(tmp, final)
-        _atomic_write(args.out / "latest", final.name)
+        atomic_write(args.out / "latest", final.name)
         shutil.copyfile(final / "model.safetensors", args.out / ".model.safetensors.tmp")
         os.replace(args.out / ".model.safetensors.tmp", args.out / "model.safetensors")   # what sample.py loads
         for old in checkpoints(args.out)[:-2]:                                             # keep the last two
@@ -122,7 +122,7 @@ def run_dtype(args, mesh) -> tuple[str, str]:
     if agree(mesh.world_group, dtype == "bf16"):          # the main rank's choice, on every rank
         dtype, why = "bf16", why or "the main rank's choice"
     if mesh.is_main:
-        _atomic_write(path, json.dumps({"dtype": dtype, "why": why, "asked": args.dtype}))
+        atomic_write(path, json.dumps({"dtype": dtype, "why": why, "asked": args.dtype}))
     barrier(mesh)
     return dtype, why
 
@@ -176,7 +176,7 @@ def model_with_state(model, state):
     return load_state_strict(full, state.items())
 
 
-def _atomic_write(path: Path, text: str):
+def atomic_write(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -236,7 +236,7 @@ def load_checkpoint(args, mesh, model, opt: ZeRO2, batcher: D.Batcher):
     torch.set_rng_state(torch.tensor(rng, dtype=torch.uint8))
     if mesh.is_main and (args.out / "metrics.jsonl").exists():      # drop the lines of steps after the checkpoint
         lines = (args.out / "metrics.jsonl").read_text().splitlines()
-        _atomic_write(args.out / "metrics.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        atomic_write(args.out / "metrics.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
     return step, losses
 
 

@@ -30,7 +30,7 @@ from checkpoint import CheckpointError, load_state_strict, unique_state_dict, ve
 from generate import generate
 from moe import total_aux_loss, track_usage, usage_report
 from parallel import Mesh, agree, all_reduce, barrier, gather_lists, setup_mesh
-from runs import RunError, check_spread, claim_run_dir, draw_run, load_checkpoint, run_dtype, save_checkpoint
+from runs import RunError, atomic_write, check_spread, claim_run_dir, draw_run, load_checkpoint, run_dtype, save_checkpoint
 from zero import ZeRO2
 
 # Paper recipe (Sec. 4.1): AdamW (0.9, 0.95), wd 0, lr 2e-5 (5e-6 MoE), 1% linear warm-up, cosine to 0,
@@ -358,13 +358,6 @@ def wrong_answers(answers: list[dict]) -> list[str]:
          for t in world.TASKS if t in wrong]
 
 
-def write_answers(path: Path, answers: list[dict]):
-    """One JSON line per held-out question: task, sample, question, reference, answer, right (atomically)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(a) + "\n" for a in answers))
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- one step
 
 def micro_step(model, b, n_targets: float, aux_scale: float, dev) -> torch.Tensor:
@@ -490,7 +483,7 @@ def finish(args, mesh, model, tok, opt, batcher, step, losses, progress, skips, 
         progress.record({"step": step, "elapsed_s": time.perf_counter() - progress.t_start, "final": True,
                          "eval": accuracy(result["eval"]), "reliance": reliance_ratio(*result["image_reliance"])})
         if mesh.is_main:
-            write_answers(args.out / "answers.jsonl", result["answers"])
+            atomic_write(args.out / "answers.jsonl", "".join(json.dumps(a) + "\n" for a in result["answers"]))
             log(f"every held-out answer: {args.out / 'answers.jsonl'}")
     if mesh.is_main:
         picture = draw_run(args.out / "metrics.jsonl", args.out / "run.png")
