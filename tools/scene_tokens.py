@@ -51,8 +51,6 @@ def view_contents(sample: data.Sample, canvas: int, grid: int):
     return out
 
 
-
-
 def cell_labels(contents, g: int):
     """Per grid cell of each view: colour id, shape id, word id and the box (view coordinates) of the thing
     covering the cell centre, or else of a thing whose centre lies in the cell (a thing smaller than a
