@@ -554,9 +554,12 @@ def base_llm(path, cfg: model.ModelConfig) -> model.Transformer:
 
 
 def tokenizer_for(args, cfg, out: Path, log) -> data.Tokenizer:
-    """The base's tokenizer: the reused base's (the encoders' caption tower and the LLM depend on it), or new."""
+    """The base's tokenizer: a reused LLM's, or reused encoders' when one learnt from captions (its caption
+    tower depends on it), or new (dense encoders never read text)."""
     tok_path = out / "tokenizer.json"
-    reused = args.reuse_llm or args.reuse_vision
+    made_by = loading.base_summary(args.reuse_vision)["recipe"] if args.reuse_vision else {}
+    captions = "clip" in (made_by.get("convnext_objective"), made_by.get("vit_objective"))
+    reused = args.reuse_llm or (args.reuse_vision if captions else None)
     if reused:
         if Path(reused).parent.resolve() != out.resolve():
             shutil.copyfile(Path(reused).parent / "tokenizer.json", tok_path)

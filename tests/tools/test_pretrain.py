@@ -230,6 +230,22 @@ def test_a_base_from_reused_parts_records_the_recipes_that_made_them(base_path, 
     assert not L.base_has_projector(plain) and "scene" not in L.base_summary(plain)["losses"]
 
 
+def test_the_tokenizer_comes_from_the_reused_llm_or_caption_encoders_else_it_is_new(base_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "base_texts", lambda seed, start, n, canvas: ["red circle [0.37, 0.05] What is 34 + 10?"] * 20)
+    shipped = (base_path.parent / "tokenizer.json").read_bytes()
+    cfg, log = M.sphinx_config("tiny"), lambda *a: None
+    for n, (llm, vision, objective, copied) in enumerate([(base_path, None, "dense", True), (None, base_path, "dense", False),
+                                                           (None, base_path, "clip", True), (None, None, "dense", False)]):
+        out = tmp_path / str(n)
+        out.mkdir()
+        recipe = L.base_summary(base_path)["recipe"] | {"convnext_objective": objective}
+        monkeypatch.setattr(P.loading, "base_summary", lambda path: {"recipe": recipe})
+        tok = P.tokenizer_for(Namespace(reuse_llm=llm, reuse_vision=vision, seed=0), cfg, out, log)
+        assert ((out / "tokenizer.json").read_bytes() == shipped) == copied, (llm, vision, objective)
+        if not copied:                                  # a new one, trained on this run's texts
+            assert tok.decode(tok.encode("What is 34 + 10?")) == "What is 34 + 10?" and tok.vocab_size < 600
+
+
 def test_an_existing_base_is_never_overwritten_without_the_flag(tmp_path, capsys):
     (tmp_path / "tiny.safetensors").write_bytes(b"an hour of work")
     with pytest.raises(SystemExit) as e:
