@@ -517,6 +517,11 @@ def refusal(args, cfg) -> str | None:
     target = Path(args.out) / f"{args.size}.safetensors"
     if target.exists() and not args.overwrite:
         return f"{target} exists (hours of work); pass --overwrite to replace it, or another --out"
+    for flag, path in (("--reuse-llm", args.reuse_llm), ("--reuse-vision", args.reuse_vision)):
+        if path and not Path(path).is_file():
+            return f"{flag} {path}: no such file"
+    if args.reuse_llm and not (Path(args.reuse_llm).parent / "tokenizer.json").is_file():
+        return f"--reuse-llm {args.reuse_llm}: no tokenizer.json beside it (its LLM knows only that tokenizer's ids)"
     return None
 
 
