@@ -520,8 +520,10 @@ def refusal(args, cfg) -> str | None:
     for flag, path in (("--reuse-llm", args.reuse_llm), ("--reuse-vision", args.reuse_vision)):
         if path and not Path(path).is_file():
             return f"{flag} {path}: no such file"
-    if args.reuse_llm and not (Path(args.reuse_llm).parent / "tokenizer.json").is_file():
-        return f"--reuse-llm {args.reuse_llm}: no tokenizer.json beside it (its LLM knows only that tokenizer's ids)"
+    source = tokenizer_source(args)
+    if source and not (Path(source).parent / "tokenizer.json").is_file():
+        flag = "--reuse-llm" if source == args.reuse_llm else "--reuse-vision"
+        return f"{flag} {source}: no tokenizer.json beside it (the reused part knows only that tokenizer's ids)"
     return None
 
 
@@ -558,13 +560,18 @@ def base_llm(path, cfg: model.ModelConfig) -> model.Transformer:
     return llm
 
 
-def tokenizer_for(args, cfg, out: Path, log) -> data.Tokenizer:
-    """The base's tokenizer: a reused LLM's, or reused encoders' when one learnt from captions (its caption
-    tower depends on it), or new (dense encoders never read text)."""
-    tok_path = out / "tokenizer.json"
+def tokenizer_source(args) -> str | None:
+    """The reused base whose tokenizer the new base keeps: a reused LLM's, or reused encoders' when one learnt
+    from captions (its caption tower depends on it); None: a new one (dense encoders never read text)."""
     made_by = loading.base_summary(args.reuse_vision)["recipe"] if args.reuse_vision else {}
     captions = "clip" in (made_by.get("convnext_objective"), made_by.get("vit_objective"))
-    reused = args.reuse_llm or (args.reuse_vision if captions else None)
+    return args.reuse_llm or (args.reuse_vision if captions else None)
+
+
+def tokenizer_for(args, cfg, out: Path, log) -> data.Tokenizer:
+    """The base's tokenizer: the reused one (tokenizer_source), copied beside the new base, or a new one."""
+    tok_path = out / "tokenizer.json"
+    reused = tokenizer_source(args)
     if reused:
         if Path(reused).parent.resolve() != out.resolve():
             shutil.copyfile(Path(reused).parent / "tokenizer.json", tok_path)

@@ -256,15 +256,20 @@ def test_an_existing_base_is_never_overwritten_without_the_flag(tmp_path, capsys
     assert P.refusal(args, M.sphinx_config("tiny")) is None
 
 
-def test_a_reused_part_must_exist_and_a_reused_llm_needs_its_tokenizer(tmp_path):
+def test_a_reused_part_must_exist_and_a_reused_tokenizer_must_be_beside_it(tmp_path, monkeypatch):
     cfg, out = M.sphinx_config("tiny"), ["--out", str(tmp_path / "new")]
     missing = P.parse_args(out + ["--reuse-vision", str(tmp_path / "nope.safetensors")])
     assert P.refusal(missing, cfg) == f"--reuse-vision {tmp_path / 'nope.safetensors'}: no such file"
     (tmp_path / "tiny.safetensors").write_bytes(b"a base")
     alone = P.parse_args(out + ["--reuse-llm", str(tmp_path / "tiny.safetensors")])
     assert "no tokenizer.json beside it" in P.refusal(alone, cfg)
+    # Reused encoders: only caption-trained ones need their tokenizer.
+    encoders = P.parse_args(out + ["--reuse-vision", str(tmp_path / "tiny.safetensors")])
+    for objective, refused in (("dense", False), ("clip", True)):
+        monkeypatch.setattr(P.loading, "base_summary", lambda path: {"recipe": {"convnext_objective": objective}})
+        assert ("--reuse-vision" in (P.refusal(encoders, cfg) or "")) == refused, objective
     (tmp_path / "tokenizer.json").write_text("{}")
-    assert P.refusal(alone, cfg) is None
+    assert P.refusal(alone, cfg) is None and P.refusal(encoders, cfg) is None
 
 
 def test_lm_batch_puts_the_loss_on_the_answers_only(tok):
