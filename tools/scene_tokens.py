@@ -25,7 +25,10 @@ from tiling import ImageLayout, Tiles, photo_to_canvas
 COLOURS = ("none",) + tuple(world.COLORS) + ("text",)
 SHAPES = ("none",) + world.SHAPES + ("word",)
 TEXTS = ("",) + world.WORDS
-N_ATTRIBUTES = len(COLOURS) + len(SHAPES) + len(TEXTS) + 4       # one-hot colour, shape, word; the box
+BOX_BINS = 10                   # the place code: each box coordinate as a bump over this many bins
+PLACE_WIDTH = 4 * BOX_BINS
+N_ATTRIBUTES = len(COLOURS) + len(SHAPES) + len(TEXTS) + 4 + PLACE_WIDTH   # one-hot colour, shape, word; the box; its place code
+PLACE_CODE = slice(N_ATTRIBUTES - PLACE_WIDTH, N_ATTRIBUTES)
 
 
 # ----------------------------------------------------------------------------- the per-cell truth
@@ -71,13 +74,24 @@ def cell_labels(contents, g: int):
     return torch.tensor(col), torch.tensor(shp), torch.tensor(wrd), torch.tensor(box)
 
 
+def place_code(box: torch.Tensor) -> torch.Tensor:
+    """(..., 4) boxes -> (..., 4 * BOX_BINS): each coordinate as a Gaussian bump one bin wide over BOX_BINS
+    bins of [0, 1); zeros for the background's all-zero box. The tiny LLM turns a value into one of the
+    answer's 100 number tokens far sooner when a small change of the value moves weight between
+    neighbouring inputs than when it only scales one input (docs/results.md), and unlike a periodic code a
+    bump is local, so an encoder that does not know which view it sees can learn it as one more target."""
+    centres = (torch.arange(BOX_BINS, dtype=box.dtype) + 0.5) / BOX_BINS
+    code = torch.exp(-0.5 * ((box.unsqueeze(-1) - centres) * BOX_BINS) ** 2)
+    return (code * box.ne(0).any(-1)[..., None, None]).flatten(-2)
+
+
 def cell_attributes(contents, g: int) -> torch.Tensor:
     """(views, 1 + g*g tokens, N_ATTRIBUTES) from view_contents: per grid cell, the one-hot colour, shape
-    and word of what covers it and its box in view coordinates ('none' and zeros for the background);
-    each view's first token is the mean of its cells, as the ConvNeXt's is."""
+    and word of what covers it, its box in view coordinates and the box's place code ('none' and zeros
+    for the background); each view's first token is the mean of its cells, as the ConvNeXt's is."""
     col, shp, wrd, box = cell_labels(contents, g)
     cells = torch.cat([F.one_hot(col, len(COLOURS)), F.one_hot(shp, len(SHAPES)), F.one_hot(wrd, len(TEXTS)),
-                       box], 1).float().view(len(contents), g * g, N_ATTRIBUTES)
+                       box, place_code(box)], 1).float().view(len(contents), g * g, N_ATTRIBUTES)
     return torch.cat([cells.mean(1, keepdim=True), cells], 1)
 
 
@@ -90,12 +104,14 @@ def scene_tiles(sample: data.Sample, tiles: Tiles, g: int) -> Tiles:
 
 class SceneTokens(nn.Module):
     """The MoV's place in `Sphinx` (its image-path seam), fed the scene's cell attributes instead of
-    pixels: Linear + LayerNorm into the LLM width, as the real projector is, on the same layout."""
+    pixels: Linear + LayerNorm into the LLM width, as the real projector is, on the same layout. With
+    `place_code` False the place code's inputs are zeroed: the LLM first learns the tasks without it."""
 
     def __init__(self, llm_dim: int, patch: int):
         super().__init__()
         self.patch = patch
         self.proj = nn.Sequential(nn.Linear(N_ATTRIBUTES, llm_dim), nn.LayerNorm(llm_dim))
+        self.place_code = True
 
     def layout(self, canvas: int, grid: int, skip_tokens: bool) -> ImageLayout:
         return ImageLayout(canvas, grid, 1 + (canvas // grid // self.patch) ** 2, skip_tokens)
@@ -106,6 +122,7 @@ class SceneTokens(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):
         nn.init.normal_(self.proj[0].weight, std=std)
+        self.proj[0].weight[:, PLACE_CODE] = 0      # the place code joins at zero: switching it on changes nothing yet
         nn.init.zeros_(self.proj[0].bias)
         self.proj[1].reset_parameters()
 
@@ -113,8 +130,11 @@ class SceneTokens(nn.Module):
         views = [v for t, enc in zip(images, encoded) for v, e in zip(t.views, enc) if e]
         if not views:
             return None
-        w = self.proj[0].weight
-        return self.proj(torch.stack(views).to(w.device, w.dtype))
+        w, views = self.proj[0].weight, torch.stack(views)
+        if not self.place_code:
+            views = views.clone()
+            views[..., PLACE_CODE] = 0
+        return self.proj(views.to(w.device, w.dtype))
 
 
 def encode_scene(sample: data.Sample, tok: data.Tokenizer, max_len: int, layout: ImageLayout, g: int) -> data.Encoded:
@@ -159,7 +179,7 @@ def fit_projector(mov, scene_proj: nn.Sequential, views: torch.Tensor, attribute
     mov.proj[0].bias.copy_(bias)
     mov.proj[1].load_state_dict(scene_proj[1].state_dict())
     pred, r2, at = x1 @ w, {}, 0
-    for name, n in (("colour", len(COLOURS)), ("shape", len(SHAPES)), ("word", len(TEXTS)), ("box", 4)):
+    for name, n in (("colour", len(COLOURS)), ("shape", len(SHAPES)), ("word", len(TEXTS)), ("box", 4), ("place code", PLACE_WIDTH)):
         res, tot = pred[:, at:at + n] - y[:, at:at + n], y[:, at:at + n] - y[:, at:at + n].mean(0)
         r2[name] = 1 - (res ** 2).sum().item() / (tot ** 2).sum().item()
         at += n
