@@ -4,6 +4,8 @@
     python -m tools.pretrain --reuse-llm base/tiny.safetensors --out base-new   # redo only the encoders
     python -m tools.pretrain --reuse-vision base/tiny.safetensors --llm-loss answers --tasks-per-image 3 \
         --induction-warmup 150 --induction-every 4 --llm-steps 1500 --out base2   # an LLM that copies (docs/results.md)
+    python -m tools.pretrain --reuse-llm base/tiny.safetensors --reuse-vision base/tiny.safetensors \
+        --place-steps 1500 --out base-place     # the scene stage continued with the boxes' place code
 
 The defaults remake the shipped base.
 
@@ -33,7 +35,8 @@ priors, so the CPU sizes get a base made by this script, one stage per part:
                 encoders for: per grid cell of every view, the colour, shape, word and box of what
                 covers it, in the image block's place and layout (tools/scene_tokens.py). The tuning
                 learns no faster from such perfect tokens than from the encoders' (docs/results.md): the
-                samples a task needs are the LLM's, and here it spends them without pixels.
+                samples a task needs are the LLM's, and here it spends them without pixels. Optionally
+                (--place-steps) a second phase in which each cell also carries its box as a place code.
   7. projector  fitted by least squares so the encoders' tokens land where the scene tokens are; the
                 base ships it with the image tags and the skip token, and the tuning starts from them.
 The encoders' stages do not depend on the LLM, and the LLM's initialisation does not depend on the
@@ -62,10 +65,10 @@ import train
 import world
 from parallel import Mesh
 from tiling import tile
-from tools.scene_tokens import (COLOURS, PLACE_WIDTH, SHAPES, TEXTS, cell_attributes, cell_labels, encode_scene,
-                                 fit_projector, place_code, scene_grid, scene_model, scene_prompt, view_contents)
+from tools.scene_tokens import (COLOURS, SHAPES, TEXTS, cell_attributes, cell_labels, encode_scene,
+                                 fit_projector, scene_grid, scene_model, scene_prompt, view_contents)
 
-RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, place_steps=1500, scene_batch=16, scene_lr=1e-3,
+RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, place_steps=0, scene_batch=16, scene_lr=1e-3,
               convnext_steps=800, vit_steps=800, vis_batch=128, vis_lr=2e-3, seed=1000)
 # Which recipe entries make which part (a reused part keeps its own in the new base's summary).
 VISION_KEYS = ("convnext_steps", "vit_steps", "vis_batch", "vis_lr", "convnext_objective", "vit_objective")
@@ -74,7 +77,6 @@ SCENE_KEYS = ("scene_steps", "place_steps", "scene_batch", "scene_lr")
 SCENE_FRESH_LR = 10    # the scene projector, image tags and skip token learn 10x faster (the tuning's projector lr)
 SCENE_START = 2_000_000    # the scene stage's samples: past the LLM stage's
 PLACE_TASKS = 4            # the place phase: up to 4 tasks per scene, so the box tasks get samples and the rest stay
-PLACE_WEIGHT = 50          # the place code's squared error in the dense objective (its bumps are small numbers)
 FIT_VIEWS = 4096           # views the projector is fitted on
 WARMUP = 0.02          # linear warm-up over the first 2% of each stage's steps, then cosine to 0
 
@@ -318,11 +320,10 @@ def train_contrastive(mov, which: str, tok, args, canvas, grid, log) -> list[flo
 def train_dense(mov, which: str, args, canvas, grid, log) -> list[float]:
     """Dense training of one encoder ('convnext' or 'vit'), as a detection backbone is pretrained: linear
     heads on every grid cell's token name what covers the cell (colour, shape, which word) and regress
-    its box and the box's place code. The heads are thrown away; what stays is a token that carries,
-    linearly, the shape, the letters and the exact place of what it sees, which a caption-level objective
-    leaves out."""
+    its box. The heads are thrown away; what stays is a token that carries, linearly, the shape, the
+    letters and the exact place of what it sees, which a caption-level objective leaves out."""
     tokens, dim = encoder_tokens(mov, which)
-    sizes = (len(COLOURS), len(SHAPES), len(TEXTS), 4, PLACE_WIDTH)
+    sizes = (len(COLOURS), len(SHAPES), len(TEXTS), 4)
     head = nn.Linear(dim, sum(sizes))
     batches = view_stream(args.seed, args.vis_batch, canvas, grid)
 
@@ -330,12 +331,12 @@ def train_dense(mov, which: str, args, canvas, grid, log) -> list[float]:
         views, contents = next(batches)
         f = tokens(views)[:, 1:]
         col, shp, wrd, box = cell_labels(contents, int(round(f.shape[1] ** 0.5)))
-        pc, ps, pw, pb, pp = head(f.flatten(0, 1)).split(sizes, dim=-1)
+        pc, ps, pw, pb = head(f.flatten(0, 1)).split(sizes, dim=-1)
         # Which word and where: only over the cells that show a thing (a word covers ~3% of the cells, so
         # averaged over all of them its letters would hardly be trained).
         on, word = shp > 0, wrd > 0
         return (F.cross_entropy(pc, col) + F.cross_entropy(ps, shp) + F.cross_entropy(pw[word], wrd[word])
-                + 10 * F.l1_loss(pb[on], box[on]) + PLACE_WEIGHT * F.mse_loss(pp[on], place_code(box[on])))
+                + 10 * F.l1_loss(pb[on], box[on]))
     encoder = getattr(mov, which)
     encoder.requires_grad_(True).train()
     losses = optimise(f"dense {which}", list(encoder.parameters()) + list(head.parameters()),
@@ -448,9 +449,10 @@ def train_scene(scene: model.Sphinx, tok, args, cfg, autocast: bool, log, place:
     question names among the image tokens and to say what it holds, before any encoder is involved: the
     tuning measured the same pace with these perfect tokens as with the encoders' (docs/results.md), so
     the samples it needs are the LLM's, and this stage spends them without pixels.
-    A curriculum: first without the place code (scene_steps), then with it (place: place_steps more, on new
-    scenes with several tasks each). Given from the start, its 40 inputs per cell took the tiny LLM's
-    samples from the shapes (captions 12% against 82.5%, docs/results.md)."""
+    place: the optional second phase (--place-steps, new scenes with several tasks each) in which the cells
+    also carry their box's place code (tools/scene_tokens.py). Given from the start, its 40 inputs per cell
+    took the tiny LLM's samples from the shapes (captions 12% against 82.5%); after the first phase it
+    keeps them but is only half used (docs/results.md), so the shipped base has none."""
     max_len, g = train.RECIPES["tiny"]["max_len"], scene_grid(cfg)
     steps, first, tasks = ((args.place_steps, SCENE_START + args.scene_steps * args.scene_batch, PLACE_TASKS)
                            if place else (args.scene_steps, SCENE_START, 1))

@@ -78,8 +78,9 @@ def place_code(box: torch.Tensor) -> torch.Tensor:
     """(..., 4) boxes -> (..., 4 * BOX_BINS): each coordinate as a Gaussian bump one bin wide over BOX_BINS
     bins of [0, 1); zeros for the background's all-zero box. The tiny LLM turns a value into one of the
     answer's 100 number tokens far sooner when a small change of the value moves weight between
-    neighbouring inputs than when it only scales one input (docs/results.md), and unlike a periodic code a
-    bump is local, so an encoder that does not know which view it sees can learn it as one more target."""
+    neighbouring inputs than when it only scales one input: given only the box, it ignores the value and
+    reads the place off which token it attends to (docs/results.md). Off unless pretrain.py's
+    --place-steps is given."""
     centres = (torch.arange(BOX_BINS, dtype=box.dtype) + 0.5) / BOX_BINS
     code = torch.exp(-0.5 * ((box.unsqueeze(-1) - centres) * BOX_BINS) ** 2)
     return (code * box.ne(0).any(-1)[..., None, None]).flatten(-2)
@@ -121,8 +122,9 @@ class SceneTokens(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):
-        nn.init.normal_(self.proj[0].weight, std=std)
-        self.proj[0].weight[:, PLACE_CODE] = 0      # the place code joins at zero: switching it on changes nothing yet
+        rest = torch.empty(self.proj[0].out_features, PLACE_CODE.start).normal_(std=std)
+        self.proj[0].weight.zero_()                 # the place code joins at zero: switching it on changes nothing yet
+        self.proj[0].weight[:, :PLACE_CODE.start] = rest
         nn.init.zeros_(self.proj[0].bias)
         self.proj[1].reset_parameters()
 

@@ -209,18 +209,18 @@ def test_a_base_from_reused_parts_records_the_recipes_that_made_them(base_path, 
     parts = L.load_base(base_path, M.sphinx_config("tiny"))
     L.save_base(other / "tiny.safetensors", parts, shipped | {"recipe": made_by})
     P.main(["--reuse-vision", str(base_path), "--reuse-llm", str(other / "tiny.safetensors"),
-            "--out", str(tmp_path / "new"), "--llm-steps", "7", "--scene-steps", "3", "--eval-per-task", "1"])
+            "--out", str(tmp_path / "new"), "--llm-steps", "7", "--scene-steps", "3", "--place-steps", "2", "--eval-per-task", "1"])
     new = tmp_path / "new" / "tiny.safetensors"
     recipe = L.base_summary(new)["recipe"]
     assert (recipe["llm_steps"], recipe["llm_loss"]) == (1500, "answers")         # the LLM's, not the flags'
     assert recipe["convnext_steps"] == shipped["recipe"]["convnext_steps"]          # the encoders' base's
-    assert recipe["scene_steps"] == 3                  # the reused LLM had no scene-token stage: this run's
+    assert (recipe["scene_steps"], recipe["place_steps"]) == (3, 2)   # the reused LLM had no scene-token stage: this run's
     assert L.has_scene_tokens(new) and L.base_has_projector(new)
     # Reusing that LLM keeps its scene-token stage (and its recipe) and only refits the projector.
     P.main(["--reuse-vision", str(base_path), "--reuse-llm", str(new), "--out", str(tmp_path / "again"),
             "--scene-steps", "9", "--eval-per-task", "1"])
     again = tmp_path / "again" / "tiny.safetensors"
-    assert L.base_summary(again)["recipe"]["scene_steps"] == 3
+    assert (L.base_summary(again)["recipe"]["scene_steps"], L.base_summary(again)["recipe"]["place_steps"]) == (3, 2)
     a, b = L.load_base(new, M.sphinx_config("tiny")), L.load_base(again, M.sphinx_config("tiny"))
     assert torch.equal(a.skip_token, b.skip_token) and torch.equal(a.llm.output.weight, b.llm.output.weight)
     # Without a scene-token stage the base has no projector, and none of the reused base's scene entries.

@@ -1,5 +1,6 @@
 """scene_tokens.py: the per-cell truth, the scene's cells as an image block, the projector fitted to them,
 and a base that carries that projector."""
+import math
 from argparse import Namespace
 
 import pytest
@@ -50,15 +51,31 @@ def test_cell_labels_name_what_covers_each_cell_centre():
     assert box[6].tolist() == pytest.approx([0.55, 0.30, 0.70, 0.45])
 
 
-def test_cell_attributes_are_one_hots_and_the_box_with_the_mean_first():
+def test_place_code_is_a_gaussian_bump_per_coordinate_peaking_in_its_bin():
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    box = torch.rand(64, 4, generator=g, dtype=torch.float64)
+    code = S.place_code(box).view(64, 4, S.BOX_BINS)
+    k = S.BOX_BINS
+    want = [[[math.exp(-0.5 * ((b - (i + 0.5) / k) * k) ** 2) for i in range(k)] for b in row] for row in box.tolist()]
+    torch.testing.assert_close(code, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert torch.equal(code.argmax(-1), (box * k).floor().long())         # the peak is the coordinate's bin
+    assert S.place_code(torch.zeros(3, 4)).abs().sum() == 0                # the background's box: no code
+    edge = S.place_code(torch.tensor([0.0, 0.0, 0.3, 0.4])).view(4, k)     # a thing in the corner: coded
+    assert edge[0].argmax() == 0 and edge[0, 0] == pytest.approx(math.exp(-0.125))
+
+
+def test_cell_attributes_are_one_hots_the_box_and_its_place_code_with_the_mean_first():
     contents = [[("green", "square", [0.5, 0.5, 1.0, 1.0], "")], []]
     a = S.cell_attributes(contents, 4)
     assert a.shape == (2, 17, S.N_ATTRIBUTES)
     cell = a[0, 1 + 3 * 4 + 3]                              # bottom-right cell of view 0
     nc, ns, nw = len(S.COLOURS), len(S.SHAPES), len(S.TEXTS)
+    box = slice(nc + ns + nw, nc + ns + nw + 4)
     assert cell[:nc].argmax() == S.COLOURS.index("green") and cell[nc:nc + ns].argmax() == S.SHAPES.index("square")
-    assert cell[nc + ns:nc + ns + nw].argmax() == 0 and cell[-4:].tolist() == [0.5, 0.5, 1.0, 1.0]
-    assert a[0, 1][0] == 1 and a[0, 1][-4:].abs().sum() == 0               # top-left: background
+    assert cell[nc + ns:nc + ns + nw].argmax() == 0 and cell[box].tolist() == [0.5, 0.5, 1.0, 1.0]
+    torch.testing.assert_close(cell[S.PLACE_CODE], S.place_code(torch.tensor([0.5, 0.5, 1.0, 1.0])))
+    assert box.stop == S.PLACE_CODE.start and S.PLACE_CODE.stop == S.N_ATTRIBUTES
+    assert a[0, 1][0] == 1 and a[0, 1][box.start:].abs().sum() == 0        # top-left: background
     assert sorted(set(a[:, 1:, :nc].sum(-1).flatten().tolist())) == [1.0]   # exactly one colour per cell
     torch.testing.assert_close(a[:, 0], a[:, 1:].mean(1))
     assert a[1, 1:, 0].eq(1).all()                                          # an empty view: all background
@@ -86,6 +103,45 @@ def test_scene_tokens_fill_the_image_block_of_the_real_layout():
     assert len(block) == real.image_blocks([e_real.tiles])[0].shape[0]
 
 
+def test_scene_tokens_without_the_place_code_zero_its_inputs_and_it_joins_at_zero():
+    torch.manual_seed(0)
+    s = _scene_sample()
+    st = S.SceneTokens(CFG.llm.dim, CFG.vit.patch)
+    st.init_weights()
+    tiles = S.scene_tiles(s, M.build_sphinx(CFG).layout.tile(s.image), 4)
+    enc = [[not p for p in tiles.fully_padded]]
+    views = torch.stack([v for v, e in zip(tiles.views, enc[0]) if e])
+    assert views[..., S.PLACE_CODE].abs().sum() > 0
+    with torch.no_grad():
+        on = st.encode_images([tiles], enc)
+        st.place_code = False
+        torch.testing.assert_close(st.encode_images([tiles], enc), on, rtol=0, atol=0)   # its weights start at zero
+        st.proj[0].weight.normal_()
+        off = st.encode_images([tiles], enc)
+        torch.testing.assert_close(off, st.proj(views.index_fill(-1, torch.arange(S.PLACE_CODE.start, S.N_ATTRIBUTES), 0)))
+        st.place_code = True
+        assert not torch.allclose(st.encode_images([tiles], enc), off, atol=1e-3)
+    assert tiles.views[..., S.PLACE_CODE].abs().sum() > 0                  # the caller's tiles are untouched
+
+
+def test_a_scene_projector_made_before_the_place_code_reads_it_with_zero_weights(tmp_path):
+    torch.manual_seed(0)
+    src = M.build_sphinx(CFG)
+    old = S.scene_model(CFG, src.llm)
+    narrow = old.mov.proj[0] = torch.nn.Linear(S.N_ATTRIBUTES - S.PLACE_WIDTH, CFG.llm.dim)
+    L.save_base(tmp_path / "old.safetensors", src, {"recipe": {}}, old.mov.proj)
+    again = S.scene_model(CFG, src.llm)
+    assert P.load_reused_scene(tmp_path / "old.safetensors", again) is False
+    x = torch.randn(5, S.N_ATTRIBUTES)
+    with torch.no_grad():
+        torch.testing.assert_close(again.mov.proj(x), old.mov.proj[1](narrow(x[:, :S.PLACE_CODE.start])))
+    torch.testing.assert_close(again.skip_token, src.skip_token, rtol=0, atol=0)
+    L.save_base(tmp_path / "new.safetensors", src, {"recipe": {}}, again.mov.proj)
+    third = S.scene_model(CFG, src.llm)
+    assert P.load_reused_scene(tmp_path / "new.safetensors", third) is True
+    torch.testing.assert_close(third.mov.proj[0].weight, again.mov.proj[0].weight, rtol=0, atol=0)
+
+
 def test_fit_projector_composes_the_regression_with_the_scene_projector():
     # Attributes that are an exact affine function of the encoders' tokens: the fitted projector must map
     # every view exactly where the scene projector maps its attributes.
@@ -105,16 +161,22 @@ def test_fit_projector_composes_the_regression_with_the_scene_projector():
         assert not torch.allclose(real.mov(views), scene_proj(attrs.float() + 0.5), atol=1e-2)
 
 
-def test_scene_stage_trains_the_llm_projector_tags_and_skip_token(tmp_path):
+def test_scene_stage_trains_the_llm_projector_tags_and_skip_token_then_the_place_code(monkeypatch):
     torch.manual_seed(0)
     tok = D.Tokenizer(P.train.DEFAULT_BASE.parent / "tokenizer.json")
     scene = S.scene_model(CFG, M.build_sphinx(CFG).llm)
     before = {n: p.detach().clone() for n, p in scene.named_parameters() if p.requires_grad}
-    args = Namespace(seed=0, scene_steps=6, scene_batch=4, scene_lr=1e-3, log_every=100)
+    args = Namespace(seed=0, scene_steps=6, place_steps=3, scene_batch=4, scene_lr=1e-3, log_every=100)
     losses = P.train_scene(scene, tok, args, CFG, autocast=False, log=lambda *a: None)
     assert len(losses) == 6 and all(l == l for l in losses)
     moved = {n for n, p in scene.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
     assert {"mov.proj.0.weight", "begin_of_image", "end_of_image", "llm.layers.0.attention.wq.weight"} <= moved
+    assert scene.mov.proj[0].weight[:, S.PLACE_CODE].abs().sum() == 0        # first without the place code
+    seen, real_sample = [], W.synthetic_sample
+    monkeypatch.setattr(P.world, "synthetic_sample", lambda *a: seen.append(a) or real_sample(*a))
+    losses = P.train_scene(scene, tok, args, CFG, autocast=False, log=lambda *a: None, place=True)
+    assert len(losses) == 3 and scene.mov.place_code and scene.mov.proj[0].weight[:, S.PLACE_CODE].abs().sum() > 0
+    assert seen[0] == (0, "train", P.SCENE_START + 24, 128, P.PLACE_TASKS) and len(seen) == 12  # new scenes
     used = [W.synthetic_sample(0, "train", i, 128) for i in range(P.SCENE_START, P.SCENE_START + 24)]
     padded = any(any(scene.layout.tile(s.image).fully_padded) for s in used if s.image is not None)
     assert ("skip_token" in moved) == padded          # it learns exactly when a view was only padding
