@@ -68,8 +68,8 @@ from tiling import tile
 from tools.scene_tokens import (COLOURS, SHAPES, TEXTS, cell_attributes, cell_labels, encode_scene,
                                  fit_projector, scene_grid, scene_model, scene_prompt, view_contents)
 
-RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, place_steps=0, scene_batch=16, scene_lr=1e-3,
-              convnext_steps=800, vit_steps=800, vis_batch=128, vis_lr=2e-3, seed=1000)
+RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, place_steps=0, scene_batch=16,
+              scene_lr=1e-3, convnext_steps=800, vit_steps=800, vis_batch=128, vis_lr=2e-3, seed=1000)
 # Which recipe entries make which part (a reused part keeps its own in the new base's summary).
 VISION_KEYS = ("convnext_steps", "vit_steps", "vis_batch", "vis_lr", "convnext_objective", "vit_objective")
 LLM_KEYS = ("llm_steps", "llm_batch", "llm_lr", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every")
@@ -511,8 +511,8 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
     """Stages 6-7: the scene-token stage (or the reused LLM's) and its place-code phase, then the projector
     fitted to the encoders. Sets sphinx's image tags, skip token and projector; None when --scene-steps 0
     (the tuning starts a fresh projector, as the paper's one stage does)."""
-    scene = scene_model(cfg, sphinx.llm)
-    if scene_reused(args):                                   # the reused LLM already reads scene tokens: keep its parts
+    scene, reused = scene_model(cfg, sphinx.llm), scene_reused(args)
+    if reused:                                               # the reused LLM already reads scene tokens: keep its parts
         placed = load_reused_scene(args.reuse_llm, scene)
         old = loading.base_summary(args.reuse_llm)
         out = {"scene_form_eval": old["scene_form_eval"], "minutes": old["minutes"]["scene"],
@@ -523,12 +523,13 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
         out["minutes"] = (time.perf_counter() - t) / 60
     else:
         return None
-    if args.place_steps and not placed:
+    place_now = bool(args.place_steps) and not placed
+    if place_now:
         t = time.perf_counter()
         out["losses"] = out["losses"] + train_scene(scene, tok, args, cfg, autocast, log, place=True)[::50]
         out["minutes"] += (time.perf_counter() - t) / 60
     scene.mov.place_code = True
-    if not scene_reused(args) or (args.place_steps and not placed):
+    if not reused or place_now:
         out["scene_form_eval"] = eval_scene_form(scene, tok, args.seed, cfg, per_task=args.eval_per_task)
     log("LLM base, held-out questions with the scene given as cell attributes: " +
         ", ".join(f"{k} {v:.0%}" for k, v in out["scene_form_eval"].items()))

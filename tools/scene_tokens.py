@@ -181,7 +181,8 @@ def fit_projector(mov, scene_proj: nn.Sequential, views: torch.Tensor, attribute
     mov.proj[0].bias.copy_(bias)
     mov.proj[1].load_state_dict(scene_proj[1].state_dict())
     pred, r2, at = x1 @ w, {}, 0
-    for name, n in (("colour", len(COLOURS)), ("shape", len(SHAPES)), ("word", len(TEXTS)), ("box", 4), ("place code", PLACE_WIDTH)):
+    groups = (("colour", len(COLOURS)), ("shape", len(SHAPES)), ("word", len(TEXTS)), ("box", 4), ("place code", PLACE_WIDTH))
+    for name, n in groups:
         res, tot = pred[:, at:at + n] - y[:, at:at + n], y[:, at:at + n] - y[:, at:at + n].mean(0)
         r2[name] = 1 - (res ** 2).sum().item() / (tot ** 2).sum().item()
         at += n

@@ -220,7 +220,8 @@ def test_a_base_from_reused_parts_records_the_recipes_that_made_them(base_path, 
     P.main(["--reuse-vision", str(base_path), "--reuse-llm", str(new), "--out", str(tmp_path / "again"),
             "--scene-steps", "9", "--eval-per-task", "1"])
     again = tmp_path / "again" / "tiny.safetensors"
-    assert (L.base_summary(again)["recipe"]["scene_steps"], L.base_summary(again)["recipe"]["place_steps"]) == (3, 2)
+    kept = L.base_summary(again)["recipe"]
+    assert (kept["scene_steps"], kept["place_steps"]) == (3, 2)
     a, b = L.load_base(new, M.sphinx_config("tiny")), L.load_base(again, M.sphinx_config("tiny"))
     assert torch.equal(a.skip_token, b.skip_token) and torch.equal(a.llm.output.weight, b.llm.output.weight)
     # Without a scene-token stage the base has no projector, and none of the reused base's scene entries.
