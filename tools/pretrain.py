@@ -5,7 +5,7 @@
     python -m tools.pretrain --reuse-vision base/tiny.safetensors --llm-loss answers --tasks-per-image 3 \
         --induction-warmup 150 --induction-every 4 --llm-steps 1500 --out base2   # an LLM that copies (docs/results.md)
     python -m tools.pretrain --reuse-llm base/tiny.safetensors --reuse-vision base/tiny.safetensors \
-        --place-steps 1500 --out base-place     # the scene stage continued with the boxes' place code
+        --place-steps 3000 --out base-place     # the scene stage continued: place code, cells shuffled
 
 The defaults remake the shipped base.
 
@@ -36,7 +36,8 @@ priors, so the CPU sizes get a base made by this script, one stage per part:
                 covers it, in the image block's place and layout (tools/scene_tokens.py). The tuning
                 learns no faster from such perfect tokens than from the encoders' (docs/results.md): the
                 samples a task needs are the LLM's, and here it spends them without pixels. Optionally
-                (--place-steps) a second phase in which each cell also carries its box as a place code.
+                (--place-steps) a second phase in which each cell also carries its box as a place code and
+                each view's cells come in a random order, so the LLM must read the place from the value.
   7. projector  fitted by least squares so the encoders' tokens land where the scene tokens are; the
                 base ships it with the image tags and the skip token, and the tuning starts from them.
 The encoders' stages do not depend on the LLM, and the LLM's initialisation does not depend on the
@@ -450,13 +451,16 @@ def train_scene(scene: model.Sphinx, tok, args, cfg, autocast: bool, log, place:
     tuning measured the same pace with these perfect tokens as with the encoders' (docs/results.md), so
     the samples it needs are the LLM's, and this stage spends them without pixels.
     place: the optional second phase (--place-steps, new scenes with several tasks each) in which the cells
-    also carry their box's place code (tools/scene_tokens.py). Given from the start, its 40 inputs per cell
-    took the tiny LLM's samples from the shapes (captions 12% against 82.5%); after the first phase it
-    keeps them but is only half used (docs/results.md), so the shipped base has none."""
+    also carry their box's place code (tools/scene_tokens.py) and come in a random order per view. Given
+    from the start, the code's 40 inputs per cell took the tiny LLM's samples from the shapes (captions 12%
+    against 82.5%); after the first phase the LLM keeps the shapes, but with the cells in order it goes on
+    reading the place off which token it attends to and uses the code half; shuffled, it must read the
+    value (docs/results.md)."""
     max_len, g = train.RECIPES["tiny"]["max_len"], scene_grid(cfg)
     steps, first, tasks = ((args.place_steps, SCENE_START + args.scene_steps * args.scene_batch, PLACE_TASKS)
                            if place else (args.scene_steps, SCENE_START, 1))
     scene.mov.place_code = place
+    scene.mov.shuffle = torch.Generator().manual_seed(args.seed) if place else None
 
     def loss_at(step):
         start = first + step * args.scene_batch
@@ -528,7 +532,7 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
         t = time.perf_counter()
         out["losses"] = out["losses"] + train_scene(scene, tok, args, cfg, autocast, log, place=True)[::50]
         out["minutes"] += (time.perf_counter() - t) / 60
-    scene.mov.place_code = True
+    scene.mov.place_code, scene.mov.shuffle = True, None
     if not reused or place_now:
         out["scene_form_eval"] = eval_scene_form(scene, tok, args.seed, cfg, per_task=args.eval_per_task)
     log("LLM base, held-out questions with the scene given as cell attributes: " +

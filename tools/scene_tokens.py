@@ -96,6 +96,15 @@ def cell_attributes(contents, g: int) -> torch.Tensor:
     return torch.cat([cells.mean(1, keepdim=True), cells], 1)
 
 
+def shuffle_cells(views: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(views, 1 + cells, d) -> each view's cells in a random order, its first (mean) token first. A token's
+    position then says nothing of where its cell is: the place must be read from the value in it, which an
+    LLM that learnt the tasks with the cells in order never does (docs/results.md)."""
+    n, t = views.shape[:2]
+    order = torch.cat([torch.zeros(n, 1, dtype=torch.long), torch.rand(n, t - 1, generator=gen).argsort(1) + 1], 1)
+    return torch.gather(views, 1, order[..., None].expand_as(views).to(views.device))
+
+
 def scene_tiles(sample: data.Sample, tiles: Tiles, g: int) -> Tiles:
     """The sample's tiles with each view's pixels replaced by its cells' attributes (same skip pattern)."""
     return replace(tiles, views=cell_attributes(view_contents(sample, tiles.canvas, tiles.grid), g))
@@ -106,13 +115,15 @@ def scene_tiles(sample: data.Sample, tiles: Tiles, g: int) -> Tiles:
 class SceneTokens(nn.Module):
     """The MoV's place in `Sphinx` (its image-path seam), fed the scene's cell attributes instead of
     pixels: Linear + LayerNorm into the LLM width, as the real projector is, on the same layout. With
-    `place_code` False the place code's inputs are zeroed: the LLM first learns the tasks without it."""
+    `place_code` False the place code's inputs are zeroed: the LLM first learns the tasks without it;
+    with a generator in `shuffle` each view's cells come in a random order (the place phase)."""
 
     def __init__(self, llm_dim: int, patch: int):
         super().__init__()
         self.patch = patch
         self.proj = nn.Sequential(nn.Linear(N_ATTRIBUTES, llm_dim), nn.LayerNorm(llm_dim))
         self.place_code = True
+        self.shuffle: torch.Generator | None = None
 
     def layout(self, canvas: int, grid: int, skip_tokens: bool) -> ImageLayout:
         return ImageLayout(canvas, grid, 1 + (canvas // grid // self.patch) ** 2, skip_tokens)
@@ -136,6 +147,8 @@ class SceneTokens(nn.Module):
         if not self.place_code:
             views = views.clone()
             views[..., PLACE_CODE] = 0
+        if self.shuffle is not None:
+            views = shuffle_cells(views, self.shuffle)
         return self.proj(views.to(w.device, w.dtype))
 
 

@@ -124,6 +124,31 @@ def test_scene_tokens_without_the_place_code_zero_its_inputs_and_it_joins_at_zer
     assert tiles.views[..., S.PLACE_CODE].abs().sum() > 0                  # the caller's tiles are untouched
 
 
+def test_shuffled_cells_are_a_fresh_permutation_per_view_with_the_mean_token_first():
+    torch.manual_seed(0)
+    views = torch.randn(6, 17, 5)
+    out = S.shuffle_cells(views, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out[:, 0], views[:, 0], rtol=0, atol=0)
+    orders = []
+    for v in range(6):        # each output cell is one input cell, each input cell used once
+        match = (out[v, 1:, None] == views[v, None, 1:]).all(-1)
+        assert match.sum(1).eq(1).all() and match.sum(0).eq(1).all()
+        orders.append(tuple(match.int().argmax(1).tolist()))
+    assert len(set(orders)) == 6 and orders[0] != tuple(range(16))
+    st = S.SceneTokens(8, 16)
+    st.init_weights()
+    s = _scene_sample()
+    tiles = S.scene_tiles(s, M.build_sphinx(CFG).layout.tile(s.image), 4)
+    enc = [[not p for p in tiles.fully_padded]]
+    kept = tiles.views.clone()
+    with torch.no_grad():
+        st.shuffle = torch.Generator().manual_seed(2)
+        got = st.encode_images([tiles], enc)
+        views = torch.stack([v for v, e in zip(tiles.views, enc[0]) if e])
+        torch.testing.assert_close(got, st.proj(S.shuffle_cells(views, torch.Generator().manual_seed(2))))
+    torch.testing.assert_close(tiles.views, kept, rtol=0, atol=0)          # the caller's tiles are untouched
+
+
 def test_a_scene_projector_made_before_the_place_code_reads_it_with_zero_weights(tmp_path):
     torch.manual_seed(0)
     src = M.build_sphinx(CFG)
@@ -172,10 +197,12 @@ def test_scene_stage_trains_the_llm_projector_tags_and_skip_token_then_the_place
     moved = {n for n, p in scene.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
     assert {"mov.proj.0.weight", "begin_of_image", "end_of_image", "llm.layers.0.attention.wq.weight"} <= moved
     assert scene.mov.proj[0].weight[:, S.PLACE_CODE].abs().sum() == 0        # first without the place code
+    assert scene.mov.shuffle is None                                       # and with the cells in order
     seen, real_sample = [], W.synthetic_sample
     monkeypatch.setattr(P.world, "synthetic_sample", lambda *a: seen.append(a) or real_sample(*a))
     losses = P.train_scene(scene, tok, args, CFG, autocast=False, log=lambda *a: None, place=True)
     assert len(losses) == 3 and scene.mov.place_code and scene.mov.proj[0].weight[:, S.PLACE_CODE].abs().sum() > 0
+    assert scene.mov.shuffle is not None                                   # its cells came shuffled
     assert seen[0] == (0, "train", P.SCENE_START + 24, 128, P.PLACE_TASKS) and len(seen) == 12  # new scenes
     used = [W.synthetic_sample(0, "train", i, 128) for i in range(P.SCENE_START, P.SCENE_START + 24)]
     padded = any(any(scene.layout.tile(s.image).fully_padded) for s in used if s.image is not None)
