@@ -52,6 +52,7 @@ import argparse
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
@@ -67,7 +68,7 @@ import world
 from parallel import Mesh
 from tiling import tile
 from tools.scene_tokens import (COLOURS, SHAPES, TEXTS, cell_attributes, cell_labels, encode_scene,
-                                 fit_projector, scene_grid, scene_model, scene_prompt, view_contents)
+                                 fit_projector, scene_grid, scene_model, scene_prompt, shift_boxes, view_contents)
 
 RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, place_steps=0, scene_batch=16,
               scene_lr=1e-3, convnext_steps=800, vit_steps=800, vis_batch=128, vis_lr=2e-3, seed=1000)
@@ -481,6 +482,33 @@ def eval_scene_form(scene: model.Sphinx, tok, seed: int, cfg, per_task: int = 20
     return held_out_accuracy(scene, tok, seed, cfg.canvas, per_task, scene_prompt(scene, tok, scene_grid(cfg)), log)
 
 
+@torch.no_grad()
+def place_check(scene: model.Sphinx, tok, seed: int, cfg, per_task: int = 40, dx: float = 0.2) -> dict:
+    """Does the LLM read the box in a token, or say a box from which token it attends to? The held-out
+    grounding questions in scene form answered twice, the second time with every box moved by dx in x:
+    the answers' x1 moves by about dx if it reads the value, not at all if only the token's place
+    (docs/results.md). Also the median error of each coordinate of the first answers."""
+    pose = scene_prompt(scene, tok, scene_grid(cfg))
+    samples = [s for s in world.eval_per_task(seed, per_task, cfg.canvas) if s.task == "grounding"]
+
+    def moved(s):
+        ids, tiles = pose(s)
+        return ids, replace(tiles, views=shift_boxes(tiles.views, dx))
+    one, boxes = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1), []
+    scene.eval()
+    for prompt_of in (pose, moved):
+        answers = []
+        train.evaluate(scene, tok, one, samples, prompt_of, log=lambda *a: None, answers=answers)
+        boxes.append([(world.parse_boxes(a["answer"]) or [[]])[0] for a in answers])
+    truth = [world.parse_boxes(s.turns[-1][1])[0] for s in samples]
+    said = [(a, b) for a, b in zip(*boxes) if len(a) == 4 and len(b) == 4]
+    moves = [b[0] - a[0] for a, b in said]
+    errors = torch.tensor([[abs(x - y) for x, y in zip(a, t)] for a, t in zip(boxes[0], truth) if len(a) == 4])
+    return {"dx": dx, "mean_move": sum(moves) / max(1, len(moves)),
+            "unchanged": sum(abs(m) < 0.005 for m in moves) / max(1, len(moves)), "answers": len(moves),
+            "median_error": errors.median(0).values.tolist() if len(errors) else None}
+
+
 def eval_pictures(sphinx: model.Sphinx, tok, seed: int, canvas: int, per_task: int = 40, log=print) -> dict:
     """The same questions about the pictures themselves: the base before any tuning."""
     sphinx.eval()
@@ -520,7 +548,7 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
         placed = load_reused_scene(args.reuse_llm, scene)
         old = loading.base_summary(args.reuse_llm)
         out = {"scene_form_eval": old["scene_form_eval"], "minutes": old["minutes"]["scene"],
-               "losses": old["losses"]["scene"]}
+               "losses": old["losses"]["scene"], **({"place_check": old["place_check"]} if "place_check" in old else {})}
     elif args.scene_steps:
         t, placed = time.perf_counter(), False
         out = {"losses": train_scene(scene, tok, args, cfg, autocast, log)[::50]}
@@ -535,6 +563,11 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
     scene.mov.place_code, scene.mov.shuffle = True, None
     if not reused or place_now:
         out["scene_form_eval"] = eval_scene_form(scene, tok, args.seed, cfg, per_task=args.eval_per_task)
+        out["place_check"] = place_check(scene, tok, args.seed, cfg, per_task=args.eval_per_task)
+    if "place_check" in out:
+        c = out["place_check"]
+        log(f"place check: every box moved by {c['dx']} in x, the grounding answers' x1 moves by "
+            f"{c['mean_move']:.3f} on average ({c['unchanged']:.0%} unchanged; {c['dx']} if the LLM reads the box)")
     log("LLM base, held-out questions with the scene given as cell attributes: " +
         ", ".join(f"{k} {v:.0%}" for k, v in out["scene_form_eval"].items()))
     for name in loading.IMAGE_TAGS:
@@ -676,7 +709,7 @@ def main(argv=None):
                "losses": vision["losses"] | {"llm": llm_losses} | ({"scene": scene["losses"]} if scene else {}),
                "probes": vision["probes"], "text_form_eval": text_scores}
     if scene:
-        summary |= {k: scene[k] for k in ("scene_form_eval", "projector_fit_r2", "picture_eval")}
+        summary |= {k: scene[k] for k in ("scene_form_eval", "place_check", "projector_fit_r2", "picture_eval") if k in scene}
     loading.save_base(out / f"{args.size}.safetensors", sphinx, summary, scene["scene_proj"] if scene else None)
     log(f"saved {out / f'{args.size}.safetensors'} and {out / 'tokenizer.json'} in {summary['minutes']['this_run']:.1f} min")
 

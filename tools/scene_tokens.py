@@ -29,6 +29,7 @@ BOX_BINS = 10                   # the place code: each box coordinate as a bump 
 PLACE_WIDTH = 4 * BOX_BINS
 N_ATTRIBUTES = len(COLOURS) + len(SHAPES) + len(TEXTS) + 4 + PLACE_WIDTH   # one-hot colour, shape, word; the box; its place code
 PLACE_CODE = slice(N_ATTRIBUTES - PLACE_WIDTH, N_ATTRIBUTES)
+BOX = slice(PLACE_CODE.start - 4, PLACE_CODE.start)
 
 
 # ----------------------------------------------------------------------------- the per-cell truth
@@ -93,6 +94,16 @@ def cell_attributes(contents, g: int) -> torch.Tensor:
     col, shp, wrd, box = cell_labels(contents, g)
     cells = torch.cat([F.one_hot(col, len(COLOURS)), F.one_hot(shp, len(SHAPES)), F.one_hot(wrd, len(TEXTS)),
                        box, place_code(box)], 1).float().view(len(contents), g * g, N_ATTRIBUTES)
+    return torch.cat([cells.mean(1, keepdim=True), cells], 1)
+
+
+def shift_boxes(views: torch.Tensor, dx: float) -> torch.Tensor:
+    """(views, 1 + cells, N_ATTRIBUTES) with every thing's box moved by dx in x (view coordinates) and its
+    place code with it, the background left at zero and each view's first token again the mean of its
+    cells: what the place check (tools/pretrain.py) asks the LLM about."""
+    cells = views[:, 1:].clone()
+    box = cells[..., BOX] + cells[..., BOX].ne(0).any(-1, keepdim=True) * torch.tensor([dx, 0.0, dx, 0.0])
+    cells[..., BOX], cells[..., PLACE_CODE] = box, place_code(box)
     return torch.cat([cells.mean(1, keepdim=True), cells], 1)
 
 

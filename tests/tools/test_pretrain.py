@@ -9,6 +9,7 @@ import data as D
 import loading as L
 import model as M
 from tools import pretrain as P
+from tools import scene_tokens as S
 import train as T
 import vision as V
 import world as W
@@ -307,3 +308,26 @@ def test_induction_batches_repeat_and_a_fresh_llm_learns_to_copy(tok):
         pred = llm(x)[0].argmax(-1)
     kept = y != D.IGNORE_INDEX
     assert (pred[kept] == y[kept]).float().mean() > 0.9
+
+
+def test_place_check_measures_how_far_the_answers_follow_the_boxes_in_the_tokens(monkeypatch, tok):
+    # Two stand-in readers through the check's own plumbing (the shift, the parsing, the statistics): one
+    # says the first box in the global view's tokens, one says the truth whatever the tokens hold.
+    cfg = M.sphinx_config("tiny")
+    scene = P.scene_model(cfg, M.build_sphinx(cfg).llm)
+    dx = 0.05 + 0.1 * torch.rand(()).item()
+
+    def reads_the_value(net, tok, mesh, samples, prompt_of, log, answers):
+        for s in samples:
+            cells = prompt_of(s)[1].views[0, 1:, S.BOX]
+            box = cells[cells.ne(0).any(-1)][0].tolist()
+            answers.append({"answer": "[" + ", ".join(f"{v:.3f}" for v in box) + "]"})
+    monkeypatch.setattr(P.train, "evaluate", reads_the_value)
+    got = P.place_check(scene, tok, 1000, cfg, per_task=6, dx=dx)
+    assert got["answers"] == 6 and got["unchanged"] == 0 and got["mean_move"] == pytest.approx(dx, abs=1e-3)
+
+    def says_the_truth(net, tok, mesh, samples, prompt_of, log, answers):
+        answers += [{"answer": s.turns[-1][1]} for s in samples]
+    monkeypatch.setattr(P.train, "evaluate", says_the_truth)
+    got = P.place_check(scene, tok, 1000, cfg, per_task=6, dx=dx)
+    assert (got["mean_move"], got["unchanged"], got["median_error"]) == (0, 1, [0, 0, 0, 0])

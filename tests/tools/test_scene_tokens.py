@@ -124,6 +124,21 @@ def test_scene_tokens_without_the_place_code_zero_its_inputs_and_it_joins_at_zer
     assert tiles.views[..., S.PLACE_CODE].abs().sum() > 0                  # the caller's tiles are untouched
 
 
+def test_shifted_boxes_move_every_things_box_and_its_place_code_in_x_only():
+    s = _scene_sample()
+    views = S.cell_attributes(S.view_contents(s, 128, 2), 4)
+    dx = 0.1 + 0.2 * torch.rand(()).item()
+    out = S.shift_boxes(views, dx)
+    thing = views[:, 1:, S.BOX].ne(0).any(-1)
+    assert thing.any() and (~thing).any()
+    want = views[:, 1:, S.BOX].double() + thing[..., None] * torch.tensor([dx, 0, dx, 0], dtype=torch.float64)
+    torch.testing.assert_close(out[:, 1:, S.BOX].double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[:, 1:, S.PLACE_CODE], S.place_code(out[:, 1:, S.BOX]))
+    assert out[:, 1:, S.PLACE_CODE][~thing].abs().sum() == 0                     # the background has no place
+    torch.testing.assert_close(out[..., :S.BOX.start], views[..., :S.BOX.start], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[:, 0], out[:, 1:].mean(1))
+
+
 def test_shuffled_cells_are_a_fresh_permutation_per_view_with_the_mean_token_first():
     torch.manual_seed(0)
     views = torch.randn(6, 17, 5)
