@@ -122,19 +122,20 @@ def save_base(path, model: Sphinx, summary: dict, scene_proj: nn.Module | None =
                                           "summary": json.dumps(summary)})
 
 
-def _has_tensor(path, name: str) -> bool:
+def tensor_shape(path, name: str) -> list[int] | None:
+    """The shape of a stored tensor, read from the file's header; None if the file has no such tensor."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as sf:
-        return name in sf.keys()
+        return sf.get_slice(name).get_shape() if name in sf.keys() else None
 
 
 def base_has_projector(path) -> bool:
-    return _has_tensor(path, "mov.proj.0.weight")
+    return tensor_shape(path, "mov.proj.0.weight") is not None
 
 
 def has_scene_tokens(path) -> bool:
     """The base's LLM went through pretrain.py's scene-token stage (its projector is stored)."""
-    return _has_tensor(path, SCENE_PREFIX + "proj.0.weight")
+    return tensor_shape(path, SCENE_PREFIX + "proj.0.weight") is not None
 
 
 def load_scene_parts(path, scene: Sphinx):

@@ -22,6 +22,8 @@ def test_own_format_roundtrip_and_atomic_save(tmp_path, monkeypatch):
     L.save_llm(path, m)
     back = L.load_llm(path)
     assert back.cfg == m.cfg and back.output.weight is back.tok_embeddings.weight
+    assert L.tensor_shape(path, "layers.1.attention.wq.weight") == list(m.layers[1].attention.wq.weight.shape)
+    assert L.tensor_shape(path, "mov.proj.0.weight") is None and not L.base_has_projector(path)
     for (k, a), (_, b) in zip(m.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
     # A crash in the middle of the next save leaves the previous checkpoint readable and unchanged.

@@ -524,8 +524,7 @@ def load_reused_scene(path, scene: model.Sphinx) -> bool:
     """The reused base's scene parts into `scene`; True if its scene stage had the place code. A base made
     without it gets zero weights for the place code's inputs: what it computes is unchanged."""
     wide = scene.mov.proj[0]
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        n_in = f.get_slice(loading.SCENE_PREFIX + "proj.0.weight").get_shape()[1]
+    n_in = loading.tensor_shape(path, loading.SCENE_PREFIX + "proj.0.weight")[1]
     if n_in == wide.in_features:
         loading.load_scene_parts(path, scene)
         return True
