@@ -487,25 +487,25 @@ def place_check(scene: model.Sphinx, tok, seed: int, cfg, per_task: int = 40, dx
     """Does the LLM read the box in a token, or say a box from which token it attends to? The held-out
     grounding questions in scene form answered twice, the second time with every box moved by dx in x:
     the answers' x1 moves by about dx if it reads the value, not at all if only the token's place
-    (docs/results.md). Also the median error of each coordinate of the first answers."""
+    (docs/results.md). Also the first answers' share right and median error of each coordinate."""
     pose = scene_prompt(scene, tok, scene_grid(cfg))
     samples = [s for s in world.eval_per_task(seed, per_task, cfg.canvas) if s.task == "grounding"]
 
     def moved(s):
         ids, tiles = pose(s)
         return ids, replace(tiles, views=shift_boxes(tiles.views, dx))
-    one, boxes = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1), []
+    one, runs = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1), []
     scene.eval()
     for prompt_of in (pose, moved):
-        answers = []
-        train.evaluate(scene, tok, one, samples, prompt_of, log=lambda *a: None, answers=answers)
-        boxes.append([(world.parse_boxes(a["answer"]) or [[]])[0] for a in answers])
+        runs.append([])
+        train.evaluate(scene, tok, one, samples, prompt_of, log=lambda *a: None, answers=runs[-1])
+    first, then = ([(world.parse_boxes(a["answer"]) or [[]])[0] for a in run] for run in runs)
+    moves = [b[0] - a[0] for a, b in zip(first, then) if len(a) == 4 and len(b) == 4]
     truth = [world.parse_boxes(s.turns[-1][1])[0] for s in samples]
-    said = [(a, b) for a, b in zip(*boxes) if len(a) == 4 and len(b) == 4]
-    moves = [b[0] - a[0] for a, b in said]
-    errors = torch.tensor([[abs(x - y) for x, y in zip(a, t)] for a, t in zip(boxes[0], truth) if len(a) == 4])
+    errors = torch.tensor([[abs(x - y) for x, y in zip(a, t)] for a, t in zip(first, truth) if len(a) == 4])
     return {"dx": dx, "mean_move": sum(moves) / max(1, len(moves)),
             "unchanged": sum(abs(m) < 0.005 for m in moves) / max(1, len(moves)), "answers": len(moves),
+            "right": sum(world.score("grounding", a["answer"], s.turns[-1][1]) for a, s in zip(runs[0], samples)) / len(samples),
             "median_error": errors.median(0).values.tolist() if len(errors) else None}
 
 
@@ -566,7 +566,8 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
     if "place_check" in out:
         c = out["place_check"]
         log(f"place check: every box moved by {c['dx']} in x, the grounding answers' x1 moves by "
-            f"{c['mean_move']:.3f} on average ({c['unchanged']:.0%} unchanged; {c['dx']} if the LLM reads the box)")
+            f"{c['mean_move']:.3f} on average ({c['unchanged']:.0%} unchanged; {c['dx']} if the LLM reads the box); "
+            f"{c['right']:.0%} right, median error per coordinate " + ", ".join(f"{e:.2f}" for e in c["median_error"] or []))
     log("LLM base, held-out questions with the scene given as cell attributes: " +
         ", ".join(f"{k} {v:.0%}" for k, v in out["scene_form_eval"].items()))
     for name in loading.IMAGE_TAGS:

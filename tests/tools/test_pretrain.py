@@ -330,4 +330,4 @@ def test_place_check_measures_how_far_the_answers_follow_the_boxes_in_the_tokens
         answers += [{"answer": s.turns[-1][1]} for s in samples]
     monkeypatch.setattr(P.train, "evaluate", says_the_truth)
     got = P.place_check(scene, tok, 1000, cfg, per_task=6, dx=dx)
-    assert (got["mean_move"], got["unchanged"], got["median_error"]) == (0, 1, [0, 0, 0, 0])
+    assert (got["mean_move"], got["unchanged"], got["right"], got["median_error"]) == (0, 1, 1, [0, 0, 0, 0])
