@@ -1,11 +1,9 @@
 """The tiny base: pretrained parts for the CPU sizes, made the way the paper's parts were made.
 
-    python -m tools.pretrain            # -> base/tiny.safetensors + base/tokenizer.json (~2 h on 2 cores)
+    python -m tools.pretrain            # -> base/tiny.safetensors + base/tokenizer.json (~3 h on 2 cores)
     python -m tools.pretrain --reuse-llm base/tiny.safetensors --out base-new   # redo only the encoders
     python -m tools.pretrain --reuse-vision base/tiny.safetensors --llm-loss answers --tasks-per-image 3 \
         --induction-warmup 150 --induction-every 4 --llm-steps 1500 --out base2   # an LLM that copies (docs/results.md)
-    python -m tools.pretrain --reuse-llm base/tiny.safetensors --reuse-vision base/tiny.safetensors \
-        --place-steps 3000 --out base-place     # the scene stage continued: place code, cells shuffled
 
 The defaults remake the shipped base.
 
@@ -70,7 +68,7 @@ from tiling import tile
 from tools.scene_tokens import (COLOURS, SHAPES, TEXTS, cell_attributes, cell_labels, encode_scene,
                                  fit_projector, scene_grid, scene_model, scene_prompt, shift_boxes, view_contents)
 
-RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, place_steps=0, scene_batch=16,
+RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, place_steps=5000, scene_batch=16,
               scene_lr=1e-3, convnext_steps=800, vit_steps=800, vis_batch=128, vis_lr=2e-3, seed=1000)
 # Which recipe entries make which part (a reused part keeps its own in the new base's summary).
 VISION_KEYS = ("convnext_steps", "vit_steps", "vis_batch", "vis_lr", "convnext_objective", "vit_objective")
