@@ -33,8 +33,8 @@ priors, so the CPU sizes get a base made by this script, one stage per part:
                 encoders for: per grid cell of every view, the colour, shape, word and box of what
                 covers it, in the image block's place and layout (tools/scene_tokens.py). The tuning
                 learns no faster from such perfect tokens than from the encoders' (docs/results.md): the
-                samples a task needs are the LLM's, and here it spends them without pixels. Optionally
-                (--place-steps) a second phase in which each cell also carries its box as a place code and
+                samples a task needs are the LLM's, and here it spends them without pixels. Then
+                (--place-steps; 0 skips it) a second phase in which each cell also carries its box as a place code and
                 each view's cells come in a random order, so the LLM must read the place from the value.
   7. projector  fitted by least squares so the encoders' tokens land where the scene tokens are; the
                 base ships it with the image tags and the skip token, and the tuning starts from them.
@@ -200,10 +200,15 @@ def train_llm(llm: model.Transformer, tok, args, canvas: int, autocast: bool, lo
 
 
 @torch.no_grad()
+def one_process() -> Mesh:
+    """The mesh of this process alone: the base's evaluations run outside torchrun."""
+    return Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
+
+
 def held_out_accuracy(net, tok, seed: int, canvas: int, per_task: int, prompt_of=None, log=print) -> dict:
     """train.evaluate's greedy per-task accuracy, in this one process; prompt_of poses each question."""
-    one = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
-    return train.accuracy(train.evaluate(net, tok, one, world.eval_per_task(seed, per_task, canvas), prompt_of, log=log))
+    samples = world.eval_per_task(seed, per_task, canvas)
+    return train.accuracy(train.evaluate(net, tok, one_process(), samples, prompt_of, log=log))
 
 
 def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20, log=print) -> dict:
@@ -449,7 +454,7 @@ def train_scene(scene: model.Sphinx, tok, args, cfg, autocast: bool, log, place:
     question names among the image tokens and to say what it holds, before any encoder is involved: the
     tuning measured the same pace with these perfect tokens as with the encoders' (docs/results.md), so
     the samples it needs are the LLM's, and this stage spends them without pixels.
-    place: the optional second phase (--place-steps, new scenes with several tasks each) in which the cells
+    place: the second phase (--place-steps, new scenes with several tasks each) in which the cells
     also carry their box's place code (tools/scene_tokens.py) and come in a random order per view. Given
     from the start, the code's 40 inputs per cell took the tiny LLM's samples from the shapes (captions 12%
     against 82.5%); after the first phase the LLM keeps the shapes, but with the cells in order it goes on
@@ -492,18 +497,19 @@ def place_check(scene: model.Sphinx, tok, seed: int, cfg, per_task: int = 40, dx
     def moved(s):
         ids, tiles = pose(s)
         return ids, replace(tiles, views=shift_boxes(tiles.views, dx))
-    one, runs = Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1), []
+    runs = []
     scene.eval()
     for prompt_of in (pose, moved):
         runs.append([])
-        train.evaluate(scene, tok, one, samples, prompt_of, log=lambda *a: None, answers=runs[-1])
+        train.evaluate(scene, tok, one_process(), samples, prompt_of, log=lambda *a: None, answers=runs[-1])
     first, then = ([(world.parse_boxes(a["answer"]) or [[]])[0] for a in run] for run in runs)
     moves = [b[0] - a[0] for a, b in zip(first, then) if len(a) == 4 and len(b) == 4]
     truth = [world.parse_boxes(s.turns[-1][1])[0] for s in samples]
     errors = torch.tensor([[abs(x - y) for x, y in zip(a, t)] for a, t in zip(first, truth) if len(a) == 4])
     return {"dx": dx, "mean_move": sum(moves) / max(1, len(moves)),
             "unchanged": sum(abs(m) < 0.005 for m in moves) / max(1, len(moves)), "answers": len(moves),
-            "right": sum(world.score("grounding", a["answer"], s.turns[-1][1]) for a, s in zip(runs[0], samples)) / len(samples),
+            "right": sum(world.score("grounding", a["answer"], s.turns[-1][1])
+                         for a, s in zip(runs[0], samples)) / len(samples),
             "median_error": errors.median(0).values.tolist() if len(errors) else None}
 
 

@@ -94,6 +94,11 @@ def cell_attributes(contents, g: int) -> torch.Tensor:
     col, shp, wrd, box = cell_labels(contents, g)
     cells = torch.cat([F.one_hot(col, len(COLOURS)), F.one_hot(shp, len(SHAPES)), F.one_hot(wrd, len(TEXTS)),
                        box, place_code(box)], 1).float().view(len(contents), g * g, N_ATTRIBUTES)
+    return with_mean_token(cells)
+
+
+def with_mean_token(cells: torch.Tensor) -> torch.Tensor:
+    """(views, cells, d) -> (views, 1 + cells, d): each view's first token the mean of its cells."""
     return torch.cat([cells.mean(1, keepdim=True), cells], 1)
 
 
@@ -104,7 +109,7 @@ def shift_boxes(views: torch.Tensor, dx: float) -> torch.Tensor:
     cells = views[:, 1:].clone()
     box = cells[..., BOX] + cells[..., BOX].ne(0).any(-1, keepdim=True) * torch.tensor([dx, 0.0, dx, 0.0])
     cells[..., BOX], cells[..., PLACE_CODE] = box, place_code(box)
-    return torch.cat([cells.mean(1, keepdim=True), cells], 1)
+    return with_mean_token(cells)
 
 
 def shuffle_cells(views: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
