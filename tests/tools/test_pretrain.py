@@ -88,7 +88,7 @@ def test_clip_and_masked_image_objectives_learn(tok):
 def test_dense_objective_learns_what_each_cell_shows():
     torch.manual_seed(0)
     mov = M.build_sphinx(M.sphinx_config("tiny")).mov
-    args = Namespace(convnext_steps=30, vit_steps=30, vis_batch=32, vis_lr=2e-3, seed=0, log_every=100)
+    args = Namespace(convnext_steps=30, vit_steps=30, vis_batch=32, vis_lr=2e-3, word_weight=3.0, seed=0, log_every=100)
     for which in ("convnext", "vit"):
         before = {n: p.clone() for n, p in getattr(mov, which).named_parameters()}
         assert _falls(P.train_dense(mov, which, args, 128, 2, lambda *a: None))
@@ -150,6 +150,7 @@ def test_shipped_base_loads_strictly_with_its_tokenizer_and_matches_the_tiny_con
     assert model.cfg == cfg
     summary = L.base_summary(base_path)
     assert summary["recipe"]["llm_steps"] > 0 and "pretrained" in summary["probes"]
+    assert summary["probes"]["pretrained"]["convnext"]["word"] > 0.8      # the ConvNeXt reads which word a cell shows
     tok = D.Tokenizer(base_path.parent / "tokenizer.json")
     assert tok.vocab_size <= cfg.llm.vocab_size
     assert base_path.stat().st_size <= 20 * 2 ** 20
