@@ -199,12 +199,12 @@ def train_llm(llm: model.Transformer, tok, args, canvas: int, autocast: bool, lo
                     args.log_every, betas=(0.9, 0.95), clip=1.0)
 
 
-@torch.no_grad()
 def one_process() -> Mesh:
     """The mesh of this process alone: the base's evaluations run outside torchrun."""
     return Mesh(rank=0, world=1, dp_rank=0, dp=1, tp_rank=0, tp=1)
 
 
+@torch.no_grad()
 def held_out_accuracy(net, tok, seed: int, canvas: int, per_task: int, prompt_of=None, log=print) -> dict:
     """train.evaluate's greedy per-task accuracy, in this one process; prompt_of poses each question."""
     samples = world.eval_per_task(seed, per_task, canvas)
@@ -428,7 +428,8 @@ def probe(mov, seed: int, canvas: int, grid: int, n_train: int = 1500, n_test: i
     px = px.repeat_interleave(g * g)
     on_tr, on_te, word_tr, word_te = ctr_s > 0, cte_s > 0, ctr_w > 0, cte_w > 0
     for k in ftr:
-        # Over the cells a thing covers ('none' is most cells, and easy): which colour, which shape, its box.
+        # Over the cells a thing covers ('none' is most cells, and easy): which colour, which shape, its box;
+        # over the cells a word covers, which word.
         a, b = ftr[k][on_tr], fte[k][on_te]
         c = ridge(a, F.one_hot(ctr_c[on_tr], len(COLOURS)).double(), b).argmax(1)
         s = ridge(a, F.one_hot(ctr_s[on_tr], len(SHAPES)).double(), b).argmax(1)
