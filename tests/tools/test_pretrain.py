@@ -88,7 +88,8 @@ def test_clip_and_masked_image_objectives_learn(tok):
 def test_dense_objective_learns_what_each_cell_shows():
     torch.manual_seed(0)
     mov = M.build_sphinx(M.sphinx_config("tiny")).mov
-    args = Namespace(convnext_steps=30, vit_steps=30, vis_batch=32, vis_lr=2e-3, word_weight=3.0, seed=0, log_every=100)
+    args = Namespace(convnext_steps=30, vit_steps=30, vis_batch=32, vis_lr=2e-3, word_weight=3.0, shape_weight=3.0, seed=0,
+                     log_every=100)
     for which in ("convnext", "vit"):
         before = {n: p.clone() for n, p in getattr(mov, which).named_parameters()}
         assert _falls(P.train_dense(mov, which, args, 128, 2, lambda *a: None))
