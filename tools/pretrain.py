@@ -342,9 +342,9 @@ def train_dense(mov, which: str, args, canvas, grid, log) -> list[float]:
         # Which word and where: only over the cells that show a thing (a word covers ~3% of the cells, so
         # averaged over all of them its letters would hardly be trained). The word weighs more: reading three
         # letters from the pieces each cell sees is learnt last (the ConvNeXt's held-out word probe: 31% with
-        # weight 1 and 800 steps, 90% with weight 3 and 1,600; docs/results.md). So does the shape: inside a
-        # shape a cell shows a flat colour, and which shape it belongs to is told only by the outline around
-        # it (the ConvNeXt's shape probe: 67% at weight 1, 81% at 3; --shape-weight).
+        # weight 1 and 800 steps, 90% with weight 3 and 1,600; docs/results.md). The shape may weigh more too
+        # (--shape-weight): inside a shape a cell shows a flat colour, and which shape it belongs to is told
+        # only by the outline around it (the ConvNeXt's shape probe: 67% at weight 1, 81% at 3).
         on, word = shp > 0, wrd > 0
         return (F.cross_entropy(pc, col) + args.shape_weight * F.cross_entropy(ps, shp)
                 + args.word_weight * F.cross_entropy(pw[word], wrd[word])
