@@ -70,7 +70,7 @@ from tools.scene_tokens import (COLOURS, SHAPES, TEXTS, cell_attributes, cell_la
 
 RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, place_steps=5000, scene_batch=16,
               scene_lr=1e-3, convnext_steps=1600, vit_steps=800, vis_batch=128, vis_lr=2e-3, word_weight=3.0,
-              shape_weight=1.0, seed=1000)
+              shape_weight=3.0, seed=1000)
 # Which recipe entries make which part (a reused part keeps its own in the new base's summary).
 VISION_KEYS = ("convnext_steps", "vit_steps", "vis_batch", "vis_lr", "word_weight", "shape_weight", "convnext_objective",
                "vit_objective")
@@ -342,9 +342,9 @@ def train_dense(mov, which: str, args, canvas, grid, log) -> list[float]:
         # Which word and where: only over the cells that show a thing (a word covers ~3% of the cells, so
         # averaged over all of them its letters would hardly be trained). The word weighs more: reading three
         # letters from the pieces each cell sees is learnt last (the ConvNeXt's held-out word probe: 31% with
-        # weight 1 and 800 steps, 90% with weight 3 and 1,600; docs/results.md). The shape may weigh more too
-        # (--shape-weight): inside a shape a cell shows a flat colour, and which shape it belongs to is told
-        # only by the outline around it (the ConvNeXt's shape probe: 67% at weight 1, 81% at 3).
+        # weight 1 and 800 steps, 90% with weight 3 and 1,600; docs/results.md). So does the shape: inside a
+        # shape a cell shows a flat colour, and which shape it belongs to is told only by the outline around
+        # it (the ConvNeXt's shape probe: 67% at weight 1, 81% at 3).
         on, word = shp > 0, wrd > 0
         return (F.cross_entropy(pc, col) + args.shape_weight * F.cross_entropy(ps, shp)
                 + args.word_weight * F.cross_entropy(pw[word], wrd[word])
