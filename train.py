@@ -36,7 +36,7 @@ from zero import ZeRO2
 # Paper recipe (Sec. 4.1): AdamW (0.9, 0.95), wd 0, lr 2e-5 (5e-6 MoE), 1% linear warm-up, cosine to 0,
 # effective batch 256. The CPU sizes keep the schedule with a learning rate that suits a tiny model.
 RECIPES = {
-    "tiny": dict(lr=1e-4, projector_lr=3e-3, batch=16, micro_batch=8, steps=280, max_len=320, warmup=0.04),
+    "tiny": dict(lr=1e-4, projector_lr=3e-3, batch=16, micro_batch=8, steps=1400, max_len=320, warmup=0.04),
     "tiny-moe": dict(lr=1e-4, projector_lr=3e-3, batch=16, micro_batch=8, steps=200, max_len=320, warmup=0.04),
     "paper": dict(lr=2e-5, batch=256, micro_batch=4, steps=0, max_len=3072, warmup=0.01),
     "paper-moe": dict(lr=5e-6, batch=256, micro_batch=4, steps=0, max_len=3072, warmup=0.01),

@@ -271,7 +271,7 @@ def test_help_shows_each_sizes_recipe_and_steps_zero_says_why(capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--help"])
     out = capsys.readouterr().out
-    assert "tiny       steps 280, batch 16, micro-batch 8, lr 0.0001, projector-lr 0.003, max-len 320" in out
+    assert "tiny       steps 1400, batch 16, micro-batch 8, lr 0.0001, projector-lr 0.003, max-len 320" in out
     with pytest.raises(SystemExit):
         T.parse_args(["--size", "tiny", "--steps", "0"])
     err = capsys.readouterr().err
