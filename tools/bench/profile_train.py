@@ -1,10 +1,12 @@
 """Where the tiny training step's time goes (bf16, as the main job runs on a CPU with bf16 instructions).
 
-    python tools/bench/profile_train.py
+    python tools/bench/profile_train.py                  # the dense tiny step
+    python tools/bench/profile_train.py --size tiny-moe  # the upcycled MoE step
 
 Prints the step time, the FLOPs torch counts per position, the achieved rate, a profile of three steps
 (self time per op) and the data pipeline's time per global batch.
 """
+import argparse
 import tempfile
 import time
 
@@ -18,11 +20,15 @@ import train
 import world
 from parallel import Mesh
 from zero import ZeRO2
-args = train.parse_args(["--size", "tiny", "--out", tempfile.mkdtemp(), "--dtype", "bf16"])
+cli = argparse.ArgumentParser()
+cli.add_argument("--size", choices=("tiny", "tiny-moe"), default="tiny")
+cli.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+opts = cli.parse_args()
+args = train.parse_args(["--size", opts.size, "--out", tempfile.mkdtemp(), "--dtype", opts.dtype])
 mesh = Mesh(0, 1, 0, 1, 0, 1)
-cfg = model.sphinx_config("tiny")
+cfg = model.sphinx_config(opts.size)
 tok = data.Tokenizer(train.DEFAULT_BASE.parent / "tokenizer.json")
-sphinx = train.build_model(args, mesh, cfg, "bf16")
+sphinx = train.build_model(args, mesh, cfg, opts.dtype)
 opt = ZeRO2([(n, p) for n, p in sphinx.named_parameters() if p.requires_grad], mesh, 1e-3)
 src = data.SampleSource([{"path": "synthetic", "ratio": 1}], 0, cfg.canvas, synthetic=world.synthetic_sample)
 batcher = data.Batcher(src, tok, sphinx.layout, 320, 16, rank=0, world=1)
