@@ -1,7 +1,8 @@
-"""Where the tiny training step's time goes (bf16, as the main job runs on a CPU with bf16 instructions).
+"""Where the tiny training step's time goes (bf16 by default, as the main job runs on a CPU with bf16 instructions).
 
-    python tools/bench/profile_train.py                  # the dense tiny step
-    python tools/bench/profile_train.py --size tiny-moe  # the upcycled MoE step
+    python tools/bench/profile_train.py                                # the dense tiny step
+    python tools/bench/profile_train.py --size tiny-moe                # the upcycled MoE step
+    python tools/bench/profile_train.py --size tiny-moe --dtype fp32   # the same in fp32
 
 Prints the step time, the FLOPs torch counts per position, the achieved rate, a profile of three steps
 (self time per op) and the data pipeline's time per global batch.
