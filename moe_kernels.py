@@ -197,6 +197,26 @@ class GroupedPath:
         return torch._grouped_mm(a.T, b, offs=plan)          # offsets along K give (E, P, Q)
 
 
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of torch._grouped_mm, which FlopCounterMode has no formula for. Offsets along K (both operands 2-D)
+    split one (P, K) x (K, Q) product into groups; otherwise every output element is a K-long dot product."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    n_out = 1
+    for size in out_shape:
+        n_out *= size
+    return 2 * n_out * a_shape[-1]
+
+
+def addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the in-place addmm_ (the loop path's accumulation), which FlopCounterMode counts only out of place."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+# For FlopCounterMode(custom_mapping=...): the MFU of a run counts its experts whichever path the chooser picked.
+FLOP_FORMULAS = {torch.ops.aten._grouped_mm: grouped_mm_flops, torch.ops.aten.addmm_: addmm_inplace_flops}
+
+
 class LoopPath:
     """One torch.mm per expert that has rows: idle experts cost nothing (decoding: 2 of 8 busy)."""
 

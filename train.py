@@ -29,6 +29,7 @@ import world
 from checkpoint import CheckpointError, load_state_strict, unique_state_dict, verify_safetensors
 from generate import generate
 from moe import total_aux_loss, track_usage, usage_report
+from moe_kernels import FLOP_FORMULAS
 from parallel import Mesh, agree, all_reduce, barrier, gather_lists, setup_mesh
 from runs import RunError, atomic_write, check_spread, claim_run_dir, draw_run, load_checkpoint, run_dtype, save_checkpoint
 from zero import ZeRO2
@@ -391,7 +392,7 @@ def train_step(model, opt: ZeRO2, micro: list[dict], mesh, lr: float, args, aux_
 
 def count_flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -401,6 +402,7 @@ def flops_per_token(model, opt: ZeRO2, b: dict) -> float:
     change kernels, so the real steps never run under it: resumed runs stay bit-identical)."""
     dev = model.skip_token.device
     with opt.hooks_paused():
+        micro_step(model, b, 1.0, 0.0, dev)   # MoE layers time their expert paths on a new shape: not counted
         flops = count_flops(lambda: micro_step(model, b, 1.0, 0.0, dev))
     model.zero_grad(set_to_none=True)
     return flops / max(b["n_tokens"], 1)

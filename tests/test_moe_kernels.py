@@ -100,6 +100,22 @@ def test_chooser_times_real_paths_without_side_effects():
     assert torch.equal(torch.get_rng_state(), rng) and all(w.grad is None for w in ws)
 
 
+@pytest.mark.parametrize("path", ["grouped", "loop", "padded"])
+def test_flop_count_of_every_cpu_path_is_the_experts_arithmetic(path):
+    """FlopCounterMode with FLOP_FORMULAS counts a forward + backward of the experts as 18 M d hidden
+    (3 matmuls forward, 6 backward) on every path, _grouped_mm's included; padded rows add the padding."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counts, d, hidden = [5, 0, 11, 3], 16, 24
+    offsets = torch.tensor(counts).cumsum(0)
+    M, E = sum(counts), len(counts)
+    x = torch.randn(M, d, requires_grad=True)
+    ws = [torch.randn(E, *s, requires_grad=True) for s in ((hidden, d), (hidden, d), (d, hidden))]
+    with FlopCounterMode(display=False, custom_mapping=moe_kernels.FLOP_FORMULAS) as counter:
+        moe_kernels.swiglu_experts(x, *ws, offsets, path).sum().backward()
+    rows = E * max(counts) if path == "padded" else M
+    assert counter.get_total_flops() == 18 * rows * d * hidden
+
+
 @NO_TRITON
 def test_tile_table_skips_empty_experts():
     offsets = torch.tensor([0, 130, 130, 131])         # experts 0 and 2 are empty

@@ -253,6 +253,44 @@ def test_bf16_training_follows_fp32(tokenizer, tmp_path):
     assert model.llm.tok_embeddings.weight.dtype == torch.float32      # loaded in the dtype asked for
 
 
+def _flop_counter(size, tmp_path):
+    """(count, shapes, llm config, model): count(path) is what train.flops_per_token counts for one bf16
+    micro-batch of `size` with its MoE layers on `path`; shapes, the LLM inputs seen (batch, positions, dim)."""
+    args = T.parse_args(["--size", size, "--out", str(tmp_path / size), "--dtype", "bf16"])
+    mesh, cfg = Mesh(0, 1, 0, 1, 0, 1), M.sphinx_config(size)
+    sphinx = T.build_model(args, mesh, cfg, "bf16")
+    opt = T.ZeRO2([(n, p) for n, p in sphinx.named_parameters() if p.requires_grad], mesh, 1e-3)
+    tok = D.Tokenizer(T.DEFAULT_BASE.parent / "tokenizer.json")
+    src = D.SampleSource([{"path": "synthetic", "ratio": 1}], 3, cfg.canvas, synthetic=W.synthetic_sample)
+    b = D.Batcher(src, tok, sphinx.layout, 320, 8, rank=0, world=1).next_micro(1)[0]
+    shapes = []
+    sphinx.llm.layers[0].register_forward_hook(lambda m, inp, out: shapes.append(inp[0].shape))
+
+    def count(path="auto"):
+        for layer in sphinx.llm.layers if cfg.llm.n_experts else []:
+            layer.feed_forward.path = path
+        return T.flops_per_token(sphinx, opt, b) * b["n_tokens"]
+    return count, shapes, cfg.llm, sphinx
+
+
+def test_mfu_counts_the_experts_whichever_path_the_chooser_picks(tmp_path):
+    # tiny-moe differs from tiny only in its FFNs: top-2 of 4 SwiGLU experts (18 d f FLOPs per position
+    # forward + backward each) and a router (6 d E) instead of one SwiGLU. Its count adds exactly that on
+    # torch._grouped_mm and on the loop (addmm_); "auto" counts what the path it picked counts, without
+    # the chooser's timing runs on a shape it meets for the first time.
+    count_dense, dense_shapes, _, _ = _flop_counter("tiny", tmp_path)
+    dense = count_dense()
+    count, shapes, c, sphinx = _flop_counter("tiny-moe", tmp_path)
+    grouped = count("grouped")
+    assert shapes[-1] == dense_shapes[-1]
+    extra = c.n_layers * shapes[-1][0] * shapes[-1][1] * ((c.top_k - 1) * 18 * c.dim * c.ffn_dim + 6 * c.dim * c.n_experts)
+    assert grouped == count("loop") == dense + extra
+    chooser = sphinx.llm.layers[0].feed_forward.chooser
+    chooser.best.clear()
+    auto = count("auto")
+    assert len(chooser.best) == 1 and auto == count(next(iter(chooser.best.values())))
+
+
 @pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
 def test_default_device_is_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
