@@ -75,9 +75,10 @@ RECIPE = dict(llm_steps=3000, llm_batch=32, llm_lr=2e-3, scene_steps=5000, place
 VISION_KEYS = ("convnext_steps", "vit_steps", "vis_batch", "vis_lr", "word_weight", "shape_weight", "convnext_objective",
                "vit_objective")
 LLM_KEYS = ("llm_steps", "llm_batch", "llm_lr", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every")
-SCENE_KEYS = ("scene_steps", "place_steps", "scene_batch", "scene_lr")
+SCENE_KEYS = ("scene_steps", "place_steps", "scene_batch", "scene_lr", "scene_text_every")
 SCENE_FRESH_LR = 10    # the scene projector, image tags and skip token learn 10x faster (the tuning's projector lr)
 SCENE_START = 2_000_000    # the scene stage's samples: past the LLM stage's
+SCENE_TEXT_START = 4_000_000   # its text-form batches (--scene-text-every): past both phases' scenes
 PLACE_TASKS = 4            # the place phase: up to 4 tasks per scene, so the box tasks get samples and the rest stay
 FIT_VIEWS = 4096           # views the projector is fitted on
 WARMUP = 0.02          # linear warm-up over the first 2% of each stage's steps, then cosine to 0
@@ -104,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--llm-start", type=int, default=0, help="LLM stage: index of the first training sample")
     p.add_argument("--induction-warmup", type=int, default=0, help="LLM stage: first steps on induction batches only")
     p.add_argument("--induction-every", type=int, default=0, help="LLM stage: then every N-th step one (0: never)")
+    p.add_argument("--scene-text-every", type=int, default=0,
+                   help="scene stage: every N-th step a text-form batch as in the LLM stage, so the LLM keeps the "
+                        "scene written as text (0: never; the stage alone erases it, docs/results.md)")
     p.add_argument("--reuse-vision", default=None,
                    help="a base whose tokenizer and encoders to keep: redo only the LLM stage")
     p.add_argument("--reuse-llm", default=None,
@@ -184,18 +188,25 @@ def induction_batch(tok: data.Tokenizer, gen: torch.Generator, n: int = 32, leng
     return x, y
 
 
+def text_loss(llm: model.Transformer, tok, args, canvas: int, start: int, autocast: bool, answers_only: bool,
+              tasks_per_image: int) -> torch.Tensor:
+    """The LLM's loss on a batch of text-form samples from training sample `start` on."""
+    batch = base_samples(args.seed, start, args.llm_batch, canvas, tasks_per_image)
+    x, y = lm_batch(tok, batch, canvas, answers_only=answers_only)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return llm(x, targets=y)[1]
+
+
 def train_llm(llm: model.Transformer, tok, args, canvas: int, autocast: bool, log) -> list[float]:
     gen = torch.Generator().manual_seed(args.seed)
 
     def loss_at(step):
         if step < args.induction_warmup or (args.induction_every and step % args.induction_every == 0):
             x, y = induction_batch(tok, gen)
-        else:
-            batch = base_samples(args.seed, args.llm_start + step * args.llm_batch, args.llm_batch, canvas,
-                                 args.tasks_per_image)
-            x, y = lm_batch(tok, batch, canvas, answers_only=args.llm_loss == "answers")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            return llm(x, targets=y)[1]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return llm(x, targets=y)[1]
+        return text_loss(llm, tok, args, canvas, args.llm_start + step * args.llm_batch, autocast,
+                         args.llm_loss == "answers", args.tasks_per_image)
     llm.train()
     return optimise("llm", llm.parameters(), args.llm_steps, args.llm_lr, loss_at, args.llm_batch, log,
                     args.log_every, betas=(0.9, 0.95), clip=1.0)
@@ -470,7 +481,8 @@ def train_scene(scene: model.Sphinx, tok, args, cfg, autocast: bool, log, place:
     from the start, the code's 40 inputs per cell took the tiny LLM's samples from the shapes (captions 12%
     against 82.5%); after the first phase the LLM keeps the shapes, but with the cells in order it goes on
     reading the place off which token it attends to and uses the code half; shuffled, it must read the
-    value (docs/results.md)."""
+    value (docs/results.md). --scene-text-every N: every N-th step of both phases is a text-form batch
+    instead (answers only), so the LLM keeps reading the scene written as text, which the stage alone erases."""
     max_len, g = train.RECIPES["tiny"]["max_len"], scene_grid(cfg)
     steps, first, tasks = ((args.place_steps, SCENE_START + args.scene_steps * args.scene_batch, PLACE_TASKS)
                            if place else (args.scene_steps, SCENE_START, 1))
@@ -478,6 +490,9 @@ def train_scene(scene: model.Sphinx, tok, args, cfg, autocast: bool, log, place:
     scene.mov.shuffle = torch.Generator().manual_seed(args.seed) if place else None
 
     def loss_at(step):
+        if args.scene_text_every and step % args.scene_text_every == args.scene_text_every - 1:
+            start = SCENE_TEXT_START + (step + (args.scene_steps if place else 0)) * args.llm_batch
+            return text_loss(scene.llm, tok, args, cfg.canvas, start, autocast, True, PLACE_TASKS)
         start = first + step * args.scene_batch
         samples = [world.synthetic_sample(args.seed, "train", i, cfg.canvas, tasks) for i in range(start, start + args.scene_batch)]
         b = data.collate([encode_scene(s, tok, max_len, scene.layout, g) for s in samples], tok)
@@ -561,8 +576,8 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
     if reused:                                               # the reused LLM already reads scene tokens: keep its parts
         placed = load_reused_scene(args.reuse_llm, scene)
         old = loading.base_summary(args.reuse_llm)
-        out = {"scene_form_eval": old["scene_form_eval"], "minutes": old["minutes"]["scene"],
-               "losses": old["losses"]["scene"], **({"place_check": old["place_check"]} if "place_check" in old else {})}
+        out = {"scene_form_eval": old["scene_form_eval"], "minutes": old["minutes"]["scene"], "losses": old["losses"]["scene"],
+               **{k: old[k] for k in ("place_check", "text_form_after_scene") if k in old}}
     elif args.scene_steps:
         t, placed = time.perf_counter(), False
         out = {"losses": train_scene(scene, tok, args, cfg, autocast, log)[::50]}
@@ -578,6 +593,7 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
     if not reused or place_now:
         out["scene_form_eval"] = eval_scene_form(scene, tok, args.seed, cfg, per_task=args.eval_per_task)
         out["place_check"] = place_check(scene, tok, args.seed, cfg, per_task=args.eval_per_task)
+        out["text_form_after_scene"] = eval_text_form(scene.llm, tok, args.seed, cfg.canvas, args.eval_per_task, log=log)
     if "place_check" in out:
         c = out["place_check"]
         log(f"place check: every box moved by {c['dx']} in x, the grounding answers' x1 moves by "
@@ -585,6 +601,9 @@ def scene_stage(args, cfg, tok, sphinx, autocast: bool, log) -> dict | None:
             f"{c['right']:.0%} right, median error per coordinate " + ", ".join(f"{e:.2f}" for e in c["median_error"] or []))
     log("LLM base, held-out questions with the scene given as cell attributes: " +
         ", ".join(f"{k} {v:.0%}" for k, v in out["scene_form_eval"].items()))
+    if "text_form_after_scene" in out:     # the scene stage trains on image blocks only: what is left of the text form
+        log("the same LLM with the scene given as text: " +
+            ", ".join(f"{k} {v:.0%}" for k, v in out["text_form_after_scene"].items()))
     for name in loading.IMAGE_TAGS:
         getattr(sphinx, name).data.copy_(getattr(scene, name).data)
     views, contents, _ = view_batch(args.seed, "train", SCENE_START, FIT_VIEWS, cfg.canvas, cfg.grid)
@@ -710,7 +729,8 @@ def main(argv=None):
         ", ".join(f"{k} {v:.0%}" for k, v in text_scores.items()))
     scene = scene_stage(args, cfg, tok, sphinx, autocast, log)
     recipe = {k: getattr(args, k) for k in RECIPE} | {k: getattr(args, k) for k in (
-        "convnext_objective", "vit_objective", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every")}
+        "convnext_objective", "vit_objective", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every",
+        "scene_text_every")}
     for reused, keys in ((args.reuse_vision, VISION_KEYS), (args.reuse_llm, LLM_KEYS),
                          (scene_reused(args) and args.reuse_llm, SCENE_KEYS)):
         if reused:                           # a reused part is described by the recipe that made it
@@ -724,7 +744,8 @@ def main(argv=None):
                "losses": vision["losses"] | {"llm": llm_losses} | ({"scene": scene["losses"]} if scene else {}),
                "probes": vision["probes"], "text_form_eval": text_scores}
     if scene:
-        summary |= {k: scene[k] for k in ("scene_form_eval", "place_check", "projector_fit_r2", "picture_eval") if k in scene}
+        summary |= {k: scene[k] for k in ("scene_form_eval", "place_check", "text_form_after_scene", "projector_fit_r2",
+                                          "picture_eval") if k in scene}
     loading.save_base(out / f"{args.size}.safetensors", sphinx, summary, scene["scene_proj"] if scene else None)
     log(f"saved {out / f'{args.size}.safetensors'} and {out / 'tokenizer.json'} in {summary['minutes']['this_run']:.1f} min")
 

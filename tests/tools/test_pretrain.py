@@ -203,8 +203,10 @@ def test_the_llm_alone_loads_from_a_base_and_its_init_ignores_the_encoders(base_
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
-def test_a_base_from_reused_parts_records_the_recipes_that_made_them(base_path, tmp_path):
+def test_a_base_from_reused_parts_records_the_recipes_that_made_them(base_path, tmp_path, monkeypatch):
     shipped = L.base_summary(base_path)
+    text_starts, text_loss = [], P.text_loss
+    monkeypatch.setattr(P, "text_loss", lambda *a: text_starts.append(a[4]) or text_loss(*a))
     other = tmp_path / "other"
     other.mkdir()
     (other / "tokenizer.json").write_bytes((base_path.parent / "tokenizer.json").read_bytes())
@@ -212,19 +214,28 @@ def test_a_base_from_reused_parts_records_the_recipes_that_made_them(base_path, 
     parts = L.load_base(base_path, M.sphinx_config("tiny"))
     L.save_base(other / "tiny.safetensors", parts, shipped | {"recipe": made_by})
     P.main(["--reuse-vision", str(base_path), "--reuse-llm", str(other / "tiny.safetensors"),
-            "--out", str(tmp_path / "new"), "--llm-steps", "7", "--scene-steps", "3", "--place-steps", "2", "--eval-per-task", "1"])
+            "--out", str(tmp_path / "new"), "--llm-steps", "7", "--scene-steps", "3", "--place-steps", "2", "--eval-per-task", "1",
+            "--scene-text-every", "2"])
+    # every 2nd step of each phase is a text-form batch, from samples of their own
+    assert text_starts == [P.SCENE_TEXT_START + 1 * 32, P.SCENE_TEXT_START + (3 + 1) * 32]
     new = tmp_path / "new" / "tiny.safetensors"
     recipe = L.base_summary(new)["recipe"]
     assert (recipe["llm_steps"], recipe["llm_loss"]) == (1500, "answers")         # the LLM's, not the flags'
     assert recipe["convnext_steps"] == shipped["recipe"]["convnext_steps"]          # the encoders' base's
-    assert (recipe["scene_steps"], recipe["place_steps"]) == (3, 2)   # the reused LLM had no scene-token stage: this run's
+    # the reused LLM had no scene-token stage: this run's
+    assert (recipe["scene_steps"], recipe["place_steps"], recipe["scene_text_every"]) == (3, 2, 2)
     assert L.has_scene_tokens(new) and L.base_has_projector(new)
+    # text_form_eval is the LLM stage's (the reused LLM's); the LLM after the scene stage is measured apart.
+    assert L.base_summary(new)["text_form_eval"] == shipped["text_form_eval"]
+    after = L.base_summary(new)["text_form_after_scene"]
+    assert set(after) == set(W.TASKS) and all(0 <= v <= 1 for v in after.values())
     # Reusing that LLM keeps its scene-token stage (and its recipe) and only refits the projector.
     P.main(["--reuse-vision", str(base_path), "--reuse-llm", str(new), "--out", str(tmp_path / "again"),
             "--scene-steps", "9", "--eval-per-task", "1"])
     again = tmp_path / "again" / "tiny.safetensors"
     kept = L.base_summary(again)["recipe"]
     assert (kept["scene_steps"], kept["place_steps"]) == (3, 2)
+    assert L.base_summary(again)["text_form_after_scene"] == after                 # the same LLM: carried over
     a, b = L.load_base(new, M.sphinx_config("tiny")), L.load_base(again, M.sphinx_config("tiny"))
     assert torch.equal(a.skip_token, b.skip_token) and torch.equal(a.llm.output.weight, b.llm.output.weight)
     # Without a scene-token stage the base has no projector, and none of the reused base's scene entries.
