@@ -206,7 +206,7 @@ def test_scene_stage_trains_the_llm_projector_tags_and_skip_token_then_the_place
     tok = D.Tokenizer(P.train.DEFAULT_BASE.parent / "tokenizer.json")
     scene = S.scene_model(CFG, M.build_sphinx(CFG).llm)
     before = {n: p.detach().clone() for n, p in scene.named_parameters() if p.requires_grad}
-    args = Namespace(seed=0, scene_steps=6, place_steps=3, scene_batch=4, scene_lr=1e-3, log_every=100)
+    args = Namespace(seed=0, scene_steps=6, place_steps=3, scene_batch=4, scene_lr=1e-3, log_every=100, scene_text_every=0)
     losses = P.train_scene(scene, tok, args, CFG, autocast=False, log=lambda *a: None)
     assert len(losses) == 6 and all(l == l for l in losses)
     moved = {n for n, p in scene.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
