@@ -15,6 +15,7 @@ functions that are never launched, and "auto" never picks them.
 """
 from __future__ import annotations   # the kernels' `tl.constexpr` annotations are never evaluated
 
+import math
 import time
 
 import torch
@@ -202,10 +203,7 @@ def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     split one (P, K) x (K, Q) product into groups; otherwise every output element is a K-long dot product."""
     if len(a_shape) == 2 and len(b_shape) == 2:
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-    n_out = 1
-    for size in out_shape:
-        n_out *= size
-    return 2 * n_out * a_shape[-1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
 
 
 def addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:

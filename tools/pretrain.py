@@ -188,13 +188,10 @@ def induction_batch(tok: data.Tokenizer, gen: torch.Generator, n: int = 32, leng
     return x, y
 
 
-def text_loss(llm: model.Transformer, tok, args, canvas: int, start: int, autocast: bool, answers_only: bool,
-              tasks_per_image: int) -> torch.Tensor:
-    """The LLM's loss on a batch of text-form samples from training sample `start` on."""
+def text_batch(tok: data.Tokenizer, args, canvas: int, start: int, answers_only: bool, tasks_per_image: int):
+    """lm_batch of llm_batch text-form samples from training sample `start` on."""
     batch = base_samples(args.seed, start, args.llm_batch, canvas, tasks_per_image)
-    x, y = lm_batch(tok, batch, canvas, answers_only=answers_only)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        return llm(x, targets=y)[1]
+    return lm_batch(tok, batch, canvas, answers_only=answers_only)
 
 
 def train_llm(llm: model.Transformer, tok, args, canvas: int, autocast: bool, log) -> list[float]:
@@ -203,10 +200,11 @@ def train_llm(llm: model.Transformer, tok, args, canvas: int, autocast: bool, lo
     def loss_at(step):
         if step < args.induction_warmup or (args.induction_every and step % args.induction_every == 0):
             x, y = induction_batch(tok, gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                return llm(x, targets=y)[1]
-        return text_loss(llm, tok, args, canvas, args.llm_start + step * args.llm_batch, autocast,
-                         args.llm_loss == "answers", args.tasks_per_image)
+        else:
+            x, y = text_batch(tok, args, canvas, args.llm_start + step * args.llm_batch, args.llm_loss == "answers",
+                              args.tasks_per_image)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return llm(x, targets=y)[1]
     llm.train()
     return optimise("llm", llm.parameters(), args.llm_steps, args.llm_lr, loss_at, args.llm_batch, log,
                     args.log_every, betas=(0.9, 0.95), clip=1.0)
@@ -492,7 +490,9 @@ def train_scene(scene: model.Sphinx, tok, args, cfg, autocast: bool, log, place:
     def loss_at(step):
         if args.scene_text_every and step % args.scene_text_every == args.scene_text_every - 1:
             start = SCENE_TEXT_START + (step + (args.scene_steps if place else 0)) * args.llm_batch
-            return text_loss(scene.llm, tok, args, cfg.canvas, start, autocast, True, PLACE_TASKS)
+            x, y = text_batch(tok, args, cfg.canvas, start, True, PLACE_TASKS)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return scene.llm(x, targets=y)[1]
         start = first + step * args.scene_batch
         samples = [world.synthetic_sample(args.seed, "train", i, cfg.canvas, tasks) for i in range(start, start + args.scene_batch)]
         b = data.collate([encode_scene(s, tok, max_len, scene.layout, g) for s in samples], tok)

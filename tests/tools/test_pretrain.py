@@ -205,8 +205,8 @@ def test_the_llm_alone_loads_from_a_base_and_its_init_ignores_the_encoders(base_
 
 def test_a_base_from_reused_parts_records_the_recipes_that_made_them(base_path, tmp_path, monkeypatch):
     shipped = L.base_summary(base_path)
-    text_starts, text_loss = [], P.text_loss
-    monkeypatch.setattr(P, "text_loss", lambda *a: text_starts.append(a[4]) or text_loss(*a))
+    text_starts, text_batch = [], P.text_batch
+    monkeypatch.setattr(P, "text_batch", lambda *a: text_starts.append(a[3]) or text_batch(*a))
     other = tmp_path / "other"
     other.mkdir()
     (other / "tokenizer.json").write_bytes((base_path.parent / "tokenizer.json").read_bytes())
