@@ -230,6 +230,28 @@ def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20, log=pri
     return held_out_accuracy(llm, tok, seed, canvas, per_task, prompt_of, log)
 
 
+@torch.no_grad()
+def grounding_selection(llm, tok, seed: int, canvas: int, per_task: int = 40) -> dict:
+    """Selection apart from copying: on the held-out grounding questions (scene as text) about two or more
+    objects, how often the LLM's top token for the box's first number, given the answer up to it (' [0.'),
+    is the named object's; and what naming an object at random scores. An LLM that copies exactly but
+    picks the wrong item scores this chance (docs/results.md)."""
+    right = chance = n = 0
+    for s in world.eval_per_task(seed, per_task, canvas):
+        if s.task != "grounding" or len(s.truth["objects"]) < 2:
+            continue
+        question, reference = s.turns[-1]
+        prompt = [tok.bos_id] + tok.encode(text_form(data.Sample([(question, None)], s.task, truth=s.truth,
+                                                                 image=s.image), canvas))
+        answer = tok.encode(" " + reference)
+        k = next(i for i in range(len(answer)) if tok.decode(answer[:i]).endswith("."))   # ' [0.' | '04'
+        logits = llm(torch.tensor([prompt + answer[:k]]))[0][0, -1]
+        right += int(logits.argmax()) == answer[k]
+        chance += 1 / len(s.truth["objects"])
+        n += 1
+    return {"right": right / n, "chance": chance / n, "questions": n}
+
+
 # ----------------------------------------------------------------------------- views and their contents
 
 PLACES = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
@@ -717,6 +739,7 @@ def main(argv=None):
         old = loading.base_summary(args.reuse_llm)
         sphinx.llm = base_llm(args.reuse_llm, cfg.llm)
         llm_losses, t_llm, text_scores = old["losses"]["llm"], old["minutes"]["llm"] * 60, old["text_form_eval"]
+        selection = old.get("grounding_selection")
     else:
         if args.reuse_vision:                # the LLM a full run starts from (its init ignores the encoders)
             torch.manual_seed(args.seed)
@@ -725,8 +748,12 @@ def main(argv=None):
         llm_losses = train_llm(sphinx.llm, tok, args, cfg.canvas, autocast, log)[::50]
         t_llm = time.perf_counter() - t
         text_scores = eval_text_form(sphinx.llm, tok, args.seed, cfg.canvas, per_task=args.eval_per_task)
+        selection = grounding_selection(sphinx.llm, tok, args.seed, cfg.canvas, per_task=args.eval_per_task)
     log("LLM base, held-out questions with the scene given as text: " +
         ", ".join(f"{k} {v:.0%}" for k, v in text_scores.items()))
+    if selection:
+        log(f"  grounding among {selection['questions']} scenes of 2+ objects: the named object's first number "
+            f"{selection['right']:.0%} (naming one at random: {selection['chance']:.0%})")
     scene = scene_stage(args, cfg, tok, sphinx, autocast, log)
     recipe = {k: getattr(args, k) for k in RECIPE} | {k: getattr(args, k) for k in (
         "convnext_objective", "vit_objective", "llm_loss", "tasks_per_image", "induction_warmup", "induction_every",
@@ -742,7 +769,8 @@ def main(argv=None):
                            "total": vision["minutes"] + t_llm / 60 + t_scene,          # the stages' work, reused or not
                            "this_run": (time.perf_counter() - t_all) / 60},
                "losses": vision["losses"] | {"llm": llm_losses} | ({"scene": scene["losses"]} if scene else {}),
-               "probes": vision["probes"], "text_form_eval": text_scores}
+               "probes": vision["probes"], "text_form_eval": text_scores} | (
+                   {"grounding_selection": selection} if selection else {})
     if scene:
         summary |= {k: scene[k] for k in ("scene_form_eval", "place_check", "text_form_after_scene", "projector_fit_r2",
                                           "picture_eval") if k in scene}

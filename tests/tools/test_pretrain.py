@@ -344,3 +344,36 @@ def test_place_check_measures_how_far_the_answers_follow_the_boxes_in_the_tokens
     monkeypatch.setattr(P.train, "evaluate", says_the_truth)
     got = P.place_check(scene, tok, 1000, cfg, per_task=6, dx=dx)
     assert (got["mean_move"], got["unchanged"], got["right"], got["median_error"]) == (0, 1, 1, [0, 0, 0, 0])
+
+
+def test_grounding_selection_tells_picking_the_named_object_from_copying_any(base_path):
+    """Two stand-in LLMs through the measurement's own prompting: one always says the first listed object's
+    first number, one the named object's (read off the sample's truth, tokenised apart); the scores must be
+    the share of questions whose named object comes first, and 1."""
+    tok = D.Tokenizer(base_path.parent / "tokenizer.json")
+    seed, per_task = int(torch.randint(0, 10_000, ())), 12
+    asked = [s for s in W.eval_per_task(seed, per_task, 128) if s.task == "grounding" and len(s.truth["objects"]) >= 2]
+    x0 = lambda s, o: tok.encode(" " + W.format_box(W.photo_to_canvas(o["box"], s.image.size, 128))[:5])[-1]
+    named = lambda s: next(o for o in s.truth["objects"] if f"the {o['color']} {o['shape']}." in s.turns[-1][0])
+
+    class Says:
+        def __init__(self, pick):
+            self.pick, self.prompts = pick, []
+
+        def __call__(self, ids):
+            ids = ids[0].tolist()
+            self.prompts.append(ids)
+            logits = torch.zeros(1, len(ids), tok.vocab_size)
+            logits[0, -1, self.pick(ids)] = 1.0
+            return logits, None
+
+    first = Says(lambda ids: ids[next(i for i, t in enumerate(ids) if tok.decode([t]) == ".") + 1])
+    got = P.grounding_selection(first, tok, seed, 128, per_task)
+    assert got["questions"] == len(asked) > 0
+    share = sum(x0(s, named(s)) == x0(s, s.truth["objects"][0]) for s in asked) / len(asked)
+    assert got["right"] == pytest.approx(share) and share < 1
+    assert got["chance"] == pytest.approx(sum(1 / len(s.truth["objects"]) for s in asked) / len(asked))
+    # the prompt is the scene as text, the question, and the answer up to its first number
+    assert tok.decode(first.prompts[0]).endswith(D.SEP + " Assistant: [0.")
+    truth = iter(x0(s, named(s)) for s in asked)
+    assert P.grounding_selection(Says(lambda ids: next(truth)), tok, seed, 128, per_task)["right"] == 1.0
