@@ -235,7 +235,7 @@ def grounding_selection(llm, tok, seed: int, canvas: int, per_task: int = 40) ->
     """Selection apart from copying: on the held-out grounding questions (scene as text) about two or more
     objects, how often the LLM's top token for the box's first number, given the answer up to it (' [0.'),
     is the named object's; and what naming an object at random scores. An LLM that copies exactly but
-    picks the wrong item scores this chance (docs/results.md)."""
+    picks the wrong item scores this chance (docs/results.md). None if no such question is among per_task."""
     right = chance = n = 0
     for s in world.eval_per_task(seed, per_task, canvas):
         if s.task != "grounding" or len(s.truth["objects"]) < 2:
@@ -249,7 +249,7 @@ def grounding_selection(llm, tok, seed: int, canvas: int, per_task: int = 40) ->
         right += int(logits.argmax()) == answer[k]
         chance += 1 / len(s.truth["objects"])
         n += 1
-    return {"right": right / n, "chance": chance / n, "questions": n}
+    return {"right": right / n, "chance": chance / n, "questions": n} if n else None
 
 
 # ----------------------------------------------------------------------------- views and their contents

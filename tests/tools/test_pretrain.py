@@ -346,7 +346,7 @@ def test_place_check_measures_how_far_the_answers_follow_the_boxes_in_the_tokens
     assert (got["mean_move"], got["unchanged"], got["right"], got["median_error"]) == (0, 1, 1, [0, 0, 0, 0])
 
 
-def test_grounding_selection_tells_picking_the_named_object_from_copying_any(base_path):
+def test_grounding_selection_tells_picking_the_named_object_from_copying_any(base_path, monkeypatch):
     """Two stand-in LLMs through the measurement's own prompting: one always says the first listed object's
     first number, one the named object's (read off the sample's truth, tokenised apart); the scores must be
     the share of questions whose named object comes first, and 1."""
@@ -377,3 +377,6 @@ def test_grounding_selection_tells_picking_the_named_object_from_copying_any(bas
     assert tok.decode(first.prompts[0]).endswith(D.SEP + " Assistant: [0.")
     truth = iter(x0(s, named(s)) for s in asked)
     assert P.grounding_selection(Says(lambda ids: next(truth)), tok, seed, 128, per_task)["right"] == 1.0
+    one_object = [s for s in W.eval_per_task(seed, per_task, 128) if len((s.truth or {}).get("objects", [])) < 2]
+    monkeypatch.setattr(P.world, "eval_per_task", lambda *a: one_object)
+    assert P.grounding_selection(first, tok, seed, 128, per_task) is None      # nothing to select among
