@@ -156,6 +156,11 @@ def text_form(sample: data.Sample, canvas: int) -> str:
     return scene_prefix(sample, canvas) + data.prompt_text(sample.turns)
 
 
+def text_prompt(tok: data.Tokenizer, sample: data.Sample, canvas: int) -> list[int]:
+    """BOS + the text form of a sample whose last answer is None: a question posed to the LLM base."""
+    return [tok.bos_id] + tok.encode(text_form(sample, canvas))
+
+
 def base_samples(seed: int, start: int, n: int, canvas: int, tasks_per_image: int = 1) -> list[data.Sample]:
     return [world.synthetic_sample(seed, "train", i, canvas, tasks_per_image) for i in range(start, start + n)]
 
@@ -226,7 +231,7 @@ def eval_text_form(llm, tok, seed: int, canvas: int, per_task: int = 20, log=pri
     """Greedy answers to held-out questions with the scene given as text (train.evaluate's scoring): what
     the LLM base can do once it knows the scene, the upper bound the tuning reaches for when the picture
     replaces the text."""
-    prompt_of = lambda s: ([tok.bos_id] + tok.encode(text_form(s, canvas)), None)
+    prompt_of = lambda s: (text_prompt(tok, s, canvas), None)
     return held_out_accuracy(llm, tok, seed, canvas, per_task, prompt_of, log)
 
 
@@ -241,8 +246,8 @@ def grounding_selection(llm, tok, seed: int, canvas: int, per_task: int = 40) ->
         if s.task != "grounding" or len(s.truth["objects"]) < 2:
             continue
         question, reference = s.turns[-1]
-        prompt = [tok.bos_id] + tok.encode(text_form(data.Sample([(question, None)], s.task, truth=s.truth,
-                                                                 image=s.image), canvas))
+        prompt = text_prompt(tok, data.Sample(s.turns[:-1] + [(question, None)], s.task, image=s.image, truth=s.truth),
+                             canvas)
         answer = tok.encode(" " + reference)
         k = next(i for i in range(len(answer)) if tok.decode(answer[:i]).endswith("."))   # ' [0.' | '04'
         logits = llm(torch.tensor([prompt + answer[:k]]))[0][0, -1]
